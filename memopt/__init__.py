@@ -1,0 +1,30 @@
+"""memopt: a compiler for memory. Give it a PyTorch model and a target GPU; get a module that fits.
+
+The top-level names are imported lazily so that `memopt.solvers` and `memopt.plan` stay
+importable without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "resolve_source": ("memopt.sources", "resolve_source"),
+    "capture": ("memopt.capture", "capture"),
+    "analyze": ("memopt.analysis", "analyze"),
+    "get_target": ("memopt.targets", "get_target"),
+    "inspect_model": ("memopt.inspect", "inspect_model"),
+    "Plan": ("memopt.plan", "Plan"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'memopt' has no attribute {name!r}")
+
+
+__all__ = sorted(_LAZY) + ["__version__"]

@@ -1,0 +1,147 @@
+"""Model -> aten-level FX graph with FakeTensor metadata on every node, via torch.export.
+
+Phases:
+  prefill  decoder LMs: input_ids (batch, seq) -> logits, no cache
+  decode   decoder LMs: one token with a static KV cache of `cache_len` tokens held as mutable
+           buffers (transformers' exportable static-cache wrapper)
+  forward  encoders and user modules: their example inputs -> output
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.export import Dim, ExportedProgram
+
+from memopt.sources import ModelSource
+
+
+class CaptureError(RuntimeError):
+    """torch.export failed; the message names the module/op that broke and what to try."""
+
+
+@dataclass
+class Captured:
+    exported: ExportedProgram
+    phase: str
+    source: ModelSource
+    example_inputs: tuple
+    example_kwargs: dict = field(default_factory=dict)
+    batch: int = 1
+    seq: int = 0
+    cache_len: int = 0
+    dynamic: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self.exported.graph
+
+    def module(self) -> torch.fx.GraphModule:
+        """The exported program as a runnable GraphModule (weights as attributes)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return self.exported.module()
+
+
+def default_phase(source: ModelSource) -> str:
+    return "prefill" if source.family == "causal_lm" else "forward"
+
+
+def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, seq: int | None = None,
+            cache_len: int | None = None, dynamic: bool = False) -> Captured:
+    """Export `source` for one phase. `dynamic=True` makes the sequence length symbolic where the
+    model allows (prefill/forward); analysis wants concrete sizes, so it is off by default."""
+    phase = phase or default_phase(source)
+    if phase not in ("prefill", "decode", "forward"):
+        raise ValueError(f"phase must be prefill, decode or forward, got {phase!r}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if phase in ("prefill", "decode") and source.family != "causal_lm":
+        raise ValueError(f"phase {phase!r} needs a decoder LM; {source.name} is a {source.family} (use phase='forward')")
+    if phase == "decode":
+        return _capture_decode(source, batch, cache_len or seq or min(source.max_seq, 1024))
+    module = source.traceable().eval()
+    dynamic_shapes = None
+    if dynamic and source.fixed_inputs is None:
+        # trace with batch and seq >= 2 so neither specializes to 1; the graph still runs at size 1
+        args = source.example_inputs(max(batch, 2), max(seq or 0, 2) if seq else None)
+        dynamic_shapes = tuple({0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for _ in args)
+    else:
+        args = source.example_inputs(batch, seq)
+    ep = _export(module, args, {}, dynamic_shapes, source)
+    seq_len = args[0].shape[1] if source.fixed_inputs is None and args[0].dim() > 1 else 0
+    return Captured(ep, phase, source, args, {}, args[0].shape[0] if seq_len else batch, seq_len, 0,
+                    dynamic_shapes is not None)
+
+
+def static_cache_decoder(model: nn.Module, batch: int, cache_len: int, device=None) -> nn.Module:
+    """transformers' exportable static-cache wrapper, with the cache layers bound to the wrapper's
+    registered buffers at every call, so torch.export sees the KV cache as mutable buffers
+    (`key_cache_{i}`, `value_cache_{i}`) rather than lifting the layers' own tensors as constants."""
+    from transformers.integrations.executorch import TorchExportableModuleWithStaticCache
+
+    class StaticCacheDecoder(TorchExportableModuleWithStaticCache):
+        def forward(self, input_ids=None, inputs_embeds=None, cache_position=None):
+            for i, layer in enumerate(self.static_cache.layers):
+                layer.keys = getattr(self, f"key_cache_{i}")
+                layer.values = getattr(self, f"value_cache_{i}")
+                layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
+            return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, cache_position=cache_position)
+
+    model.generation_config.use_cache = True
+    model.generation_config.cache_implementation = "static"
+    return StaticCacheDecoder(model, batch_size=batch, max_cache_len=cache_len, device=device)
+
+
+def _capture_decode(source: ModelSource, batch: int, cache_len: int) -> Captured:
+    if cache_len > source.max_seq:
+        raise ValueError(f"cache length {cache_len} exceeds {source.name}'s context length {source.max_seq}")
+    wrapper = static_cache_decoder(source.model, batch, cache_len, source.device)
+    device = source.device
+    kwargs = {
+        "input_ids": torch.zeros((batch, 1), dtype=torch.long, device=device),
+        "cache_position": torch.tensor([max(cache_len - 1, 0)], dtype=torch.long, device=device),
+    }
+    ep = _export(wrapper, (), kwargs, None, source)
+    return Captured(ep, "decode", source, (), kwargs, batch, 1, cache_len, False,
+                    [f"decode step with a static KV cache of {cache_len} tokens"])
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, source: ModelSource) -> ExportedProgram:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.no_grad():
+                return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+        except Exception as exc:  # torch.export raises many types; we translate all of them
+            if dynamic_shapes is not None:
+                try:  # dynamic shapes are a nicety: retry static before giving up
+                    with torch.no_grad():
+                        ep = torch.export.export(module, args, kwargs, strict=False)
+                    print(f"memopt: dynamic sequence length not exportable for {source.name}; captured static",
+                          file=sys.stderr)
+                    return ep
+                except Exception:
+                    pass
+            raise CaptureError(_explain(exc, module, source)) from exc
+
+
+def _explain(exc: Exception, root: nn.Module, source: ModelSource) -> str:
+    """Name the innermost nn.Module (and source line) that was executing when export failed."""
+    names = {id(m): n for n, m in root.named_modules()}
+    where = None
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            where = (names[id(owner)] or "<root>", type(owner).__name__, frame.f_code.co_filename, lineno)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    loc = f" in module {where[0]} ({where[1]}, {where[2]}:{where[3]})" if where else ""
+    return (f"torch.export failed for {source.name}{loc}: {type(exc).__name__}: {first}. "
+            "Try: a static shape (no --dynamic), a smaller --seq, loading with --dtype float32, or pass "
+            "path/to/file.py:factory returning a wrapper module with plain tensor inputs and outputs.")

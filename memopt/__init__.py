@@ -17,6 +17,11 @@ _LAZY = {
     "get_target": ("memopt.targets", "get_target"),
     "inspect_model": ("memopt.inspect", "inspect_model"),
     "Plan": ("memopt.plan", "Plan"),
+    "compile": ("memopt.pipeline", "compile"),
+    "compile_model": ("memopt.pipeline", "compile_model"),
+    "OptimizedModule": ("memopt.pipeline", "OptimizedModule"),
+    "save": ("memopt.artifact", "save"),
+    "load": ("memopt.artifact", "load"),
 }
 
 

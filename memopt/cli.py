@@ -33,6 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", type=int, default=0, metavar="N", help="also list the N largest tensors")
     p.set_defaults(func=cmd_inspect)
 
+    p = sub.add_parser("compile", help="capture, plan and rewrite a model; write an artifact directory",
+                       epilog=EPILOG)
+    _common(p)
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
+    p.add_argument("--passes", default="arena", help="comma-separated passes, in order (default: arena)")
+    p.add_argument("--quantize", default=None, metavar="FORMAT", help="weight format: int8, int4[:gN], lossless")
+    p.add_argument("--quantize-skip", action="append", default=[], metavar="PATTERN",
+                   help="layer name or glob to keep unquantized (repeatable)")
+    p.add_argument("--solver", default="cbc", choices=("cbc", "highs", "greedy"), help="arena solver (default cbc)")
+    p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="solver time limit in seconds")
+    p.set_defaults(func=cmd_compile)
+
     p = sub.add_parser("targets", help="list the built-in target devices")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_targets)
@@ -52,6 +64,40 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(format_report(report, top=args.tensors))
         if args.plot:
             print(f"wrote {args.plot}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from memopt.artifact import save
+    from memopt.pipeline import compile_model
+
+    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
+    result = compile_model(args.model, target=args.target, passes=passes, batch=args.batch, seq=args.seq,
+                           quantize=args.quantize, quantize_skip=args.quantize_skip, arena_solver=args.solver,
+                           time_limit_s=args.time_limit, dtype=args.dtype, verbose=not args.json)
+    out = save(result.module, args.output, exported=result.captured.exported)
+    plan = result.plan
+    summary = {"output": str(out), "model": plan.model, "target": plan.target, "passes": list(plan.passes),
+               "batch": plan.batch, "seq": plan.seq, **plan.predictions, "notes": result.notes}
+    if plan.arena is not None:
+        a = plan.arena
+        summary["arena"] = {"size_bytes": a.size_bytes, "lower_bound_bytes": a.lower_bound_bytes,
+                            "greedy_size_bytes": a.greedy_size_bytes, "tensors": len(a.offsets),
+                            "solver": {"name": a.solver.name, "status": a.solver.status,
+                                       "time_s": a.solver.time_s, "gap": a.solver.gap}}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+        return 0
+    print(f"compiled {plan.model} for {plan.target} (batch {plan.batch}, seq {plan.seq}), passes: {', '.join(plan.passes)}")
+    if plan.arena is not None:
+        a = plan.arena
+        print(f"  arena            {fmt_bytes(a.size_bytes):>12}  ({len(a.offsets)} intermediates, one buffer)")
+        print(f"  lower bound      {fmt_bytes(a.lower_bound_bytes):>12}  (live-set bound for this op order)")
+        print(f"  greedy best-fit  {fmt_bytes(a.greedy_size_bytes):>12}")
+        print(f"  solver           {a.solver.name}: {a.solver.status}, {a.solver.time_s:.2f} s, gap {a.solver.gap:.2%}")
+    for note in result.notes:
+        print(f"  {note}")
+    print(f"wrote {out}")
     return 0
 
 

@@ -21,6 +21,7 @@ class InspectReport:
     seq: int
     prefill: Analysis
     decode: Analysis | None = None
+    arena: object = None  # ArenaPlan for the prefill graph's activations and outputs
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -49,6 +50,9 @@ class InspectReport:
             "activation_lower_bound_bytes": a.activation_lower_bound_bytes,
             "decode_activation_peak_bytes": self.decode.activation_peak_bytes if self.decode else None,
             "peak_op": a.peak_op,
+            "arena_bytes": self.arena.size_bytes if self.arena else None,
+            "arena_solver": ({"status": self.arena.solver.status, "time_s": round(self.arena.solver.time_s, 3),
+                              "gap": self.arena.solver.gap} if self.arena else None),
             "total_bytes": self.total_bytes,
             "num_nodes": len(a.captured.graph.nodes),
             "num_ops": a.num_ops,
@@ -70,7 +74,8 @@ def _step(msg: str, quiet: bool) -> float:
 
 
 def inspect_model(model: str | ModelSource | None = None, *, target: str | Target = "h100-80gb", batch: int = 1,
-                  seq: int | None = None, dtype: str | None = None, quiet: bool = True) -> InspectReport:
+                  seq: int | None = None, dtype: str | None = None, quiet: bool = True,
+                  arena_time_limit_s: float = 5.0) -> InspectReport:
     """Capture `model` (prefill, plus a decode step with a static KV cache for decoder LMs)
     and measure weights, KV cache and activations at (batch, seq) against `target`."""
     t0 = time.perf_counter()
@@ -93,9 +98,13 @@ def inspect_model(model: str | ModelSource | None = None, *, target: str | Targe
     if src.family == "causal_lm":
         _step(f"capturing a decode step with a {seq_eff}-token static KV cache", quiet)
         decode = analyze(capture(src, phase="decode", batch=batch, cache_len=seq_eff))
+    from memopt.solvers.arena import solve_arena
+
+    _step("planning the activation arena", quiet)
+    arena = solve_arena(prefill.to_memgraph(), kinds=("activation", "output"), time_limit_s=arena_time_limit_s)
     notes = ["activation bytes count op outputs; op-internal scratch (e.g. attention scores in a math-kernel "
              "SDPA) is not included"]
-    return InspectReport(src, tgt, batch, seq_eff, prefill, decode, time.perf_counter() - t0, notes)
+    return InspectReport(src, tgt, batch, seq_eff, prefill, decode, arena, time.perf_counter() - t0, notes)
 
 
 def format_report(r: InspectReport, top: int = 0) -> str:
@@ -112,6 +121,9 @@ def format_report(r: InspectReport, top: int = 0) -> str:
         f"  {'activation peak (prefill)':<34}{fmt_bytes(d['activation_peak_bytes']):>14}   at {d['peak_op']}",
         f"  {'activation live-set lower bound':<34}{fmt_bytes(d['activation_lower_bound_bytes']):>14}",
     ]
+    if r.arena is not None:
+        lines.append(f"  {'planned arena (one buffer)':<34}{fmt_bytes(r.arena.size_bytes):>14}   "
+                     f"{r.arena.solver.status}, gap {r.arena.solver.gap:.2%}")
     if d["decode_activation_peak_bytes"] is not None:
         lines.append(f"  {'activation peak (decode step)':<34}{fmt_bytes(d['decode_activation_peak_bytes']):>14}")
     lines += [f"  {'total':<34}{fmt_bytes(d['total_bytes']):>14}", ""]

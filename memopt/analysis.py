@@ -230,7 +230,10 @@ def analyze(captured: Captured) -> Analysis:
                 if base[arg] not in ins:
                     ins.append(base[arg])
         op_inputs.append(tuple(ins))
-        op_outputs.append(tuple(produced.get(node.name, ())))
+        outs = produced.get(node.name, ())
+        if not outs and node in base and base[node] in end and base[node] != node.name:
+            outs = (base[node],)  # a view or in-place op: ordered like a write to its base
+        op_outputs.append(tuple(outs))
     for out in (n for n in graph.output_node().all_input_nodes if n in base):
         name = base[out]
         end[name] = n_ops

@@ -1,13 +1,19 @@
 """Save and load compiled models as a directory of artifacts.
 
-    DIR/plan.json        the Plan (versioned schema)
-    DIR/program.pt2      torch.export.save of the optimized program (memopt runtime ops included)
-    DIR/manifest.json    memopt version, file list and the SHA-256 of every file
+    DIR/plan.json            the Plan (versioned schema)
+    DIR/weights.safetensors  every program's parameters and buffers (packed quantized weights, scales,
+                             compressed blobs), stored once
+    DIR/program.pt2          torch.export.save of the forward program (weights stripped)
+    DIR/generate.pt2         decoder LMs: the generation program (static KV cache, weights stripped)
+    DIR/tokenizer/           the tokenizer, when the model has one
+    DIR/model.onnx           with --onnx: the forward program for ONNX Runtime
+    DIR/report.html, memory.png   the plan and the memory timeline before/after, for a person
+    DIR/manifest.json        memopt version, schema version, the SHA-256 and size of every file
 
-Written to a temporary sibling directory and renamed into place, so a crash never leaves half an
+Written to a temporary sibling directory and renamed into place, so a failure never leaves half an
 artifact. Loading verifies the manifest, every checksum and the schema version before reading
-anything else, and does not need the original model's Python code: the passes that need runtime
-state (the arena) are re-applied from the plan.
+anything else, and needs none of the original model's Python code: the arena is re-applied from
+the plan.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from memopt.plan import PLAN_SCHEMA_VERSION, Plan
 
 MANIFEST = "manifest.json"
 FORMAT = "memopt-artifact"
+PROGRAMS = ("program", "generate")
 
 
 class ArtifactError(ValueError):
@@ -40,9 +47,49 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(opt_module, directory: str | os.PathLike, *, exported=None, extra_files: dict | None = None) -> Path:
-    """Write `opt_module` (an OptimizedModule) to `directory` atomically. `exported` is the
-    ExportedProgram to store (the pipeline passes the program before arena emission)."""
+def _strip(v: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(v, device="meta")
+    return torch.nn.Parameter(meta, requires_grad=False) if isinstance(v, torch.nn.Parameter) else meta
+
+
+def _save_program(ep, path: Path, weights: dict[str, torch.Tensor], prefix: str) -> None:
+    """torch.export.save with the state dict replaced by meta tensors; the real tensors go to `weights`
+    (shared by name across programs when equal, else kept under `prefix`)."""
+    real = dict(ep.state_dict)
+    for name, t in real.items():
+        key = name
+        if key in weights and not (weights[key].shape == t.shape and weights[key].dtype == t.dtype
+                                   and torch.equal(weights[key], t.detach())):
+            key = f"{prefix}::{name}"
+        weights[key] = t.detach()
+    ep._state_dict = {k: _strip(v) for k, v in real.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.export.save(ep, str(path))
+    finally:
+        ep._state_dict = real
+
+
+def _write_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors, aliases, by_storage = {}, {}, {}
+    for name, t in weights.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
+        if key is not None and key in by_storage:
+            aliases[name] = by_storage[key]  # tied weights are stored once
+            continue
+        if key is not None:
+            by_storage[key] = name
+        tensors[name] = t.contiguous().clone() if not t.is_contiguous() else t
+    save_file(tensors, str(path), metadata={"memopt_aliases": json.dumps(aliases)})
+
+
+def save(opt_module, directory: str | os.PathLike, *, programs: dict | None = None, tokenizer=None,
+         onnx: bool = False, report=None) -> Path:
+    """Write `opt_module` (an OptimizedModule) and its exported `programs` ({"program": ep,
+    "generate": ep}) to `directory`, atomically."""
     from memopt import __version__
 
     directory = Path(directory)
@@ -54,14 +101,26 @@ def save(opt_module, directory: str | os.PathLike, *, exported=None, extra_files
     try:
         plan: Plan = opt_module.plan
         (tmp / "plan.json").write_text(json.dumps(plan.to_json(), indent=1, default=str))
-        if exported is not None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.export.save(exported, str(tmp / "program.pt2"))
-        for name, content in (extra_files or {}).items():
-            data = content if isinstance(content, bytes) else str(content).encode()
-            (tmp / name).write_bytes(data)
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        weights: dict[str, torch.Tensor] = {}
+        for name, ep in (programs or {}).items():
+            if name not in PROGRAMS:
+                raise ValueError(f"program name must be one of {PROGRAMS}, got {name!r}")
+            _save_program(ep, tmp / f"{name}.pt2", weights, name)
+        if weights:
+            _write_weights(weights, tmp / "weights.safetensors")
+        tokenizer = tokenizer if tokenizer is not None else getattr(opt_module, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        if onnx:
+            from memopt.onnx_export import export_onnx
+
+            export_onnx(programs["program"], tmp / "model.onnx")
+        if report is not None:
+            from memopt.report import write_report
+
+            write_report(report, tmp)
+        files = {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"format": FORMAT, "memopt_version": __version__, "plan_schema_version": PLAN_SCHEMA_VERSION,
                     "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -85,13 +144,15 @@ def verify(directory: str | os.PathLike) -> dict:
         raise ArtifactError(f"artifact directory {str(directory)!r} does not exist")
     mpath = directory / MANIFEST
     if not mpath.is_file():
-        raise ArtifactError(f"{str(directory)!r} is not a memopt artifact: no {MANIFEST}; compile with memopt compile -o DIR")
+        raise ArtifactError(f"{str(directory)!r} is not a memopt artifact: no {MANIFEST}; "
+                            "write one with memopt compile -o DIR")
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{mpath} is corrupt ({exc.__class__.__name__}); recompile the model") from None
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{str(directory)!r} is not a memopt artifact (format {manifest.get('format')!r})")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{str(directory)!r} is not a memopt artifact (manifest format "
+                            f"{manifest.get('format') if isinstance(manifest, dict) else None!r})")
     version = manifest.get("plan_schema_version")
     if version != PLAN_SCHEMA_VERSION:
         raise ArtifactError(f"artifact plan schema version {version!r} is not supported by this memopt (reads "
@@ -115,22 +176,54 @@ def load_plan(directory: str | os.PathLike) -> Plan:
     return Plan.from_json(d)
 
 
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        aliases = json.loads((f.metadata() or {}).get("memopt_aliases", "{}"))
+    for name, target in aliases.items():
+        tensors[name] = tensors[target]
+    return tensors
+
+
+def load_program(directory: Path, name: str, weights: dict[str, torch.Tensor]):
+    """torch.export.load one program and put its real weights back."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ep = torch.export.load(str(directory / f"{name}.pt2"))
+    for key, stub in list(ep.state_dict.items()):
+        t = weights.get(f"{name}::{key}", weights.get(key))
+        if t is None:
+            raise ArtifactError(f"weights.safetensors has no tensor {key!r} for {name}.pt2; recompile the model")
+        ep.state_dict[key] = torch.nn.Parameter(t, requires_grad=False) if isinstance(stub, torch.nn.Parameter) else t
+    return ep
+
+
 def load(directory: str | os.PathLike):
-    """Load an artifact as an OptimizedModule, re-applying the arena from the plan."""
+    """Load an artifact as an OptimizedModule (with `.generator` for decoders), re-applying the arena."""
     from memopt.pipeline import OptimizedModule
 
+    directory = Path(directory)
     plan = load_plan(directory)
-    program = Path(directory) / "program.pt2"
-    if not program.is_file():
+    if not (directory / "program.pt2").is_file():
         raise ArtifactError(f"{str(directory)!r} holds a plan only (compiled with --plan-only): nothing to run")
     import memopt.runtime  # noqa: F401  (registers memopt's custom ops before deserializing)
 
+    weights = _read_weights(directory / "weights.safetensors") if (directory / "weights.safetensors").is_file() else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.load(str(program))
-        gm = ep.module()
+        gm = load_program(directory, "program", weights).module()
+        generator = None
+        if (directory / "generate.pt2").is_file():
+            generator = load_program(directory, "generate", weights).module()
     if plan.arena is not None:
         from memopt.passes.arena import ArenaPass
 
         gm = ArenaPass()(gm, plan).gm
-    return OptimizedModule(gm, plan, {"loaded_from": str(directory)})
+    tokenizer = None
+    if (directory / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"), local_files_only=True)
+    return OptimizedModule(gm, plan, {"loaded_from": str(directory)}, generator=generator, tokenizer=tokenizer)

@@ -37,6 +37,7 @@ class Captured:
     cache_len: int = 0
     dynamic: bool = False
     notes: list[str] = field(default_factory=list)
+    dynamic_shapes: object = None
 
     @property
     def graph(self) -> torch.fx.Graph:
@@ -65,7 +66,7 @@ def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, se
     if phase in ("prefill", "decode") and source.family != "causal_lm":
         raise ValueError(f"phase {phase!r} needs a decoder LM; {source.name} is a {source.family} (use phase='forward')")
     if phase == "decode":
-        return _capture_decode(source, batch, cache_len or seq or min(source.max_seq, 1024))
+        return _capture_decode(source, batch, cache_len or seq or min(source.max_seq, 1024), dynamic)
     module = source.traceable().eval()
     dynamic_shapes = None
     if dynamic and source.fixed_inputs is None:
@@ -77,7 +78,7 @@ def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, se
     ep = _export(module, args, {}, dynamic_shapes, source)
     seq_len = args[0].shape[1] if source.fixed_inputs is None and args[0].dim() > 1 else 0
     return Captured(ep, phase, source, args, {}, args[0].shape[0] if seq_len else batch, seq_len, 0,
-                    dynamic_shapes is not None)
+                    dynamic_shapes is not None, [], dynamic_shapes)
 
 
 def static_cache_decoder(model: nn.Module, batch: int, cache_len: int, device=None) -> nn.Module:
@@ -99,18 +100,25 @@ def static_cache_decoder(model: nn.Module, batch: int, cache_len: int, device=No
     return StaticCacheDecoder(model, batch_size=batch, max_cache_len=cache_len, device=device)
 
 
-def _capture_decode(source: ModelSource, batch: int, cache_len: int) -> Captured:
+def _capture_decode(source: ModelSource, batch: int, cache_len: int, dynamic: bool = False) -> Captured:
+    """One step with a static cache. `dynamic=True` makes the number of new tokens symbolic, so the
+    same program runs a chunked prefill and then one-token decode steps (a generation program)."""
     if cache_len > source.max_seq:
         raise ValueError(f"cache length {cache_len} exceeds {source.name}'s context length {source.max_seq}")
     wrapper = static_cache_decoder(source.model, batch, cache_len, source.device)
     device = source.device
+    tokens = 2 if dynamic else 1
     kwargs = {
-        "input_ids": torch.zeros((batch, 1), dtype=torch.long, device=device),
-        "cache_position": torch.tensor([max(cache_len - 1, 0)], dtype=torch.long, device=device),
+        "input_ids": torch.zeros((batch, tokens), dtype=torch.long, device=device),
+        "cache_position": torch.arange(tokens, dtype=torch.long, device=device) + max(cache_len - tokens, 0),
     }
-    ep = _export(wrapper, (), kwargs, None, source)
-    return Captured(ep, "decode", source, (), kwargs, batch, 1, cache_len, False,
-                    [f"decode step with a static KV cache of {cache_len} tokens"])
+    shapes = None
+    if dynamic:
+        dim = Dim("tokens", min=1, max=cache_len)
+        shapes = {"input_ids": {1: dim}, "cache_position": {0: dim}}
+    ep = _export(wrapper, (), kwargs, shapes, source)
+    return Captured(ep, "decode", source, (), kwargs, batch, tokens, cache_len, dynamic,
+                    [f"decode step with a static KV cache of {cache_len} tokens"], shapes)
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, source: ModelSource) -> ExportedProgram:

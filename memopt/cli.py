@@ -43,7 +43,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer name or glob to keep unquantized (repeatable)")
     p.add_argument("--solver", default="cbc", choices=("cbc", "highs", "greedy"), help="arena solver (default cbc)")
     p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="solver time limit in seconds")
+    p.add_argument("--max-cache", type=int, default=None, metavar="TOKENS",
+                   help="decoders: KV-cache capacity of the generation program (default min(2048, context))")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx for ONNX Runtime")
     p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("run", help="load an artifact directory and run it")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--prompt", default=None, help="decoders: generate a reply to this text")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--inputs", default=None, metavar="FILE",
+                   help="a .safetensors or .pt file of input tensors (default: the compiled example shape, random)")
+    p.add_argument("--engine", default="torch", choices=("torch", "onnx"), help="torch (default) or onnx")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("targets", help="list the built-in target devices")
     p.add_argument("--json", action="store_true")
@@ -74,8 +87,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     result = compile_model(args.model, target=args.target, passes=passes, batch=args.batch, seq=args.seq,
                            quantize=args.quantize, quantize_skip=args.quantize_skip, arena_solver=args.solver,
-                           time_limit_s=args.time_limit, dtype=args.dtype, verbose=not args.json)
-    out = save(result.module, args.output, exported=result.captured.exported)
+                           time_limit_s=args.time_limit, max_cache=args.max_cache, dtype=args.dtype,
+                           verbose=not args.json)
+    out = save(result.module, args.output, programs=result.programs, onnx=args.onnx, report=result)
     plan = result.plan
     summary = {"output": str(out), "model": plan.model, "target": plan.target, "passes": list(plan.passes),
                "batch": plan.batch, "seq": plan.seq, **plan.predictions, "notes": result.notes}
@@ -98,6 +112,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for note in result.notes:
         print(f"  {note}")
     print(f"wrote {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from memopt.run import run_artifact
+
+    summary = run_artifact(args.directory, prompt=args.prompt, inputs=args.inputs, engine=args.engine,
+                           max_new_tokens=args.max_new_tokens)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    elif "text" in summary:
+        print(summary["text"])
+    else:
+        for name, info in summary["outputs"].items():
+            print(f"{name}: shape {info['shape']} {info['dtype']}  mean {info['mean']:.6g}  std {info['std']:.6g}")
+        print(f"({summary['engine']}, {summary['seconds']:.3f} s)")
     return 0
 
 

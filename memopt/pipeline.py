@@ -1,7 +1,9 @@
-"""Run the passes: capture -> (weight passes) -> re-capture -> analyze -> plan the arena -> emit.
+"""Run the passes: capture -> weight passes -> re-capture -> analyze -> plan the arena -> emit.
 
 `memopt.compile(model, example_inputs, target=..., passes=...)` is the one-call Python API; the CLI's
-`memopt compile` calls the same function.
+`memopt compile` calls the same function. Decoder LMs get a second program beside the forward one:
+a generation program (static KV cache as buffers, a dynamic number of new tokens) that
+`OptimizedModule.generate` and `memopt run --prompt` use.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from memopt.analysis import Analysis, analyze
 from memopt.capture import Captured, capture
-from memopt.plan import Plan
+from memopt.plan import LayerDecision, Plan
 from memopt.sources import ModelSource, resolve_source
 from memopt.targets import get_target
 
@@ -25,17 +27,39 @@ KNOWN_PASSES = ("quantize", "arena")
 
 
 class OptimizedModule(nn.Module):
-    """The emitted model: an ordinary `nn.Module`, callable like the original, with `.plan`."""
+    """The emitted model: an ordinary `nn.Module`, callable like the original, with `.plan`.
+    Decoders also carry `.generator` (the generation program) and `.tokenizer` when known."""
 
-    def __init__(self, gm: torch.fx.GraphModule, plan: Plan, report: dict | None = None):
+    def __init__(self, gm: torch.fx.GraphModule, plan: Plan, report: dict | None = None,
+                 generator: torch.fx.GraphModule | None = None, tokenizer=None):
         super().__init__()
         self.gm = gm
+        self.generator = generator
         self.plan = plan
         self.report = report or {}
+        self.tokenizer = tokenizer
 
     def forward(self, *args, **kwargs):
         with torch.no_grad():  # an inference artifact; out= ops refuse autograd
             return self.gm(*args, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
+        """Greedy new tokens (batch, n) after `input_ids` (batch, prompt_len)."""
+        from memopt.runner import generate
+
+        if self.generator is None:
+            raise ValueError(f"{self.plan.model} was not compiled as a decoder LM; it has no generation program")
+        eos = kwargs.pop("eos_token_id", getattr(self.tokenizer, "eos_token_id", None))
+        return generate(self.generator, input_ids, max_new_tokens, eos_token_id=eos, **kwargs)
+
+    def chat(self, prompt: str, max_new_tokens: int = 64) -> str:
+        """Generate a reply to `prompt` (chat template applied when the tokenizer has one)."""
+        from memopt.runner import chat_ids
+
+        if self.tokenizer is None:
+            raise ValueError(f"{self.plan.model} has no tokenizer; pass token ids to generate() instead")
+        new = self.generate(chat_ids(self.tokenizer, prompt), max_new_tokens)
+        return self.tokenizer.decode(new[0], skip_special_tokens=True)
 
 
 @dataclass
@@ -43,9 +67,18 @@ class CompileResult:
     module: OptimizedModule
     plan: Plan
     source: ModelSource
-    captured: Captured
-    analysis: Analysis
+    captured: Captured  # the forward program after weight passes (what program.pt2 stores)
+    analysis: Analysis  # ... and its analysis
+    before: Analysis  # the original model's analysis
+    generation: Captured | None = None  # decoder LMs: the generation program after weight passes
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def programs(self) -> dict:
+        out = {"program": self.captured.exported}
+        if self.generation is not None:
+            out["generate"] = self.generation.exported
+        return out
 
 
 def _as_source(model: Any, example_inputs: Sequence | None, dtype) -> ModelSource:
@@ -63,19 +96,37 @@ def _as_source(model: Any, example_inputs: Sequence | None, dtype) -> ModelSourc
 
 def _recapture(gm: torch.fx.GraphModule, captured: Captured) -> Captured:
     """Export a rewritten GraphModule again, so the analysis sees its real tensors and new ops."""
+    import memopt.runtime  # noqa: F401  (the custom ops' fake kernels)
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ep = torch.export.export(gm, captured.example_inputs, captured.example_kwargs, strict=False)
+        ep = torch.export.export(gm, captured.example_inputs, captured.example_kwargs,
+                                 dynamic_shapes=captured.dynamic_shapes, strict=False)
     return Captured(ep, captured.phase, captured.source, captured.example_inputs, captured.example_kwargs,
-                    captured.batch, captured.seq, captured.cache_len, False, captured.notes)
+                    captured.batch, captured.seq, captured.cache_len, captured.dynamic, captured.notes,
+                    captured.dynamic_shapes)
+
+
+def _weight_passes(captured: Captured, quantize: str, skip: Sequence[str], say) -> tuple[Captured, list[str], dict]:
+    from memopt.passes.quantize import QuantizePass, parse_quantize_spec
+
+    config = parse_quantize_spec(quantize)
+    gm = captured.module()
+    calib = [captured.example_inputs] if not captured.example_kwargs else None
+    say(f"quantizing weights ({quantize}) of the {captured.phase} program")
+    result = QuantizePass(config, skip=tuple(skip), calibration_inputs=calib)(gm, None)
+    record = dict(result.gm.meta.get("memopt_weights", {}))
+    return _recapture(result.gm, captured), result.notes, record
 
 
 def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, target: str = "h100-80gb",
                   passes: Sequence[str] = ("arena",), batch: int = 1, seq: int | None = None,
                   quantize: str | None = None, quantize_skip: Sequence[str] = (), arena_solver: str = "cbc",
-                  time_limit_s: float = 10.0, outputs_in_arena: bool = False, dtype=None,
-                  verbose: bool = False) -> CompileResult:
-    """Capture `model`, run `passes` in order and return the emitted module with its plan."""
+                  time_limit_s: float = 10.0, outputs_in_arena: bool = False, max_cache: int | None = None,
+                  generation: bool = True, dtype=None, verbose: bool = False) -> CompileResult:
+    """Capture `model`, run `passes` in order and return the emitted module with its plan.
+    `max_cache`: KV-cache capacity (tokens) of a decoder's generation program (default: min(2048,
+    the model's context)); `generation=False` skips that program."""
     from memopt.passes.arena import ArenaConfig, ArenaPass
     from memopt.solvers.arena import greedy_arena, solve_arena
 
@@ -87,25 +138,36 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
             raise ValueError(f"unknown pass {p!r}; choose from {', '.join(KNOWN_PASSES)}")
     if "arena" in passes and passes[-1] != "arena":
         raise ValueError("the arena pass plans the final graph: list it last")
+    if "quantize" in passes and not quantize:
+        quantize = "int8"
     tgt = get_target(target)
     say = (lambda m: print(f"memopt: {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
     src = _as_source(model, example_inputs, dtype)
+    if src.on_meta:
+        raise ValueError(f"{src.name} has no weights (built on the meta device); compile needs real weights — "
+                         "use memopt inspect to plan it, or pass a model directory with safetensors")
     say(f"capturing {src.name}")
     captured = capture(src, batch=batch, seq=seq)
-    plan = Plan(model=src.name, target=tgt.name, batch=captured.batch, seq=captured.seq, passes=tuple(passes))
-    gm = captured.module()
+    before = analyze(captured)
+    gen = None
+    if generation and src.family == "causal_lm":
+        cache = max_cache or min(2048, src.max_seq)
+        say(f"capturing the generation program (static KV cache of {cache} tokens)")
+        gen = capture(src, phase="decode", batch=batch, cache_len=cache, dynamic=True)
+    plan = Plan(model=src.name, target=tgt.name, batch=captured.batch, seq=captured.seq, passes=tuple(passes),
+                inputs=_input_specs(src, captured.example_inputs))
     notes: list[str] = []
+    weights_record: dict = {}
     if "quantize" in passes:
-        from memopt.passes.quantize import QuantizePass, parse_quantize_spec
-
-        config = parse_quantize_spec(quantize or "int8")
-        say(f"quantizing weights ({quantize or 'int8'})")
-        result = QuantizePass(config, skip=tuple(quantize_skip))(gm, plan)
-        gm, notes = result.gm, notes + result.notes
-        plan = plan.with_(pass_configs={**plan.pass_configs, "quantize": quantize or "int8"})
-        captured = _recapture(gm, captured)
-        gm = captured.module()
-    analysis = analyze(captured)
+        captured, qnotes, weights_record = _weight_passes(captured, quantize, quantize_skip, say)
+        notes += qnotes
+        if gen is not None:
+            gen, _, _ = _weight_passes(gen, quantize, quantize_skip, say)
+        plan = plan.with_(pass_configs={**plan.pass_configs, "quantize": quantize},
+                          decisions=tuple(LayerDecision(name, weight_format=r["format"], bytes=r["bytes"])
+                                          for name, r in weights_record.items()))
+    analysis = analyze(captured) if "quantize" in passes else before
+    gm = captured.module()
     if "arena" in passes:
         config = ArenaConfig(time_limit_s=time_limit_s, solver=arena_solver, outputs_in_arena=outputs_in_arena)
         kinds = ("activation", "output") if outputs_in_arena else ("activation",)
@@ -122,12 +184,44 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
         result = ArenaPass(config)(gm, plan)
         gm, notes = result.gm, notes + result.notes
     plan = plan.with_(predictions={
-        "weights_bytes": analysis.weights_bytes,
+        "weights_bytes_before": before.weights_bytes,
+        "weights_bytes": _state_bytes(captured),
         "activation_lower_bound_bytes": analysis.activation_lower_bound_bytes,
+        "activation_peak_bytes_before": before.activation_peak_bytes,
         "arena_bytes": plan.arena.size_bytes if plan.arena else None,
+        "kv_cache_bytes": _kv_bytes(gen) if gen is not None else 0,
     })
-    module = OptimizedModule(gm, plan, {"notes": notes})
-    return CompileResult(module, plan, src, captured, analysis, notes)
+    generator = gen.module() if gen is not None else None
+    module = OptimizedModule(gm, plan, {"notes": notes}, generator=generator, tokenizer=src.tokenizer)
+    return CompileResult(module, plan, src, captured, analysis, before, gen, notes)
+
+
+def _input_specs(src: ModelSource, args: tuple) -> tuple:
+    specs = []
+    for i, a in enumerate(args):
+        if not isinstance(a, torch.Tensor):
+            continue
+        role = "mask" if src.family == "encoder" and i == 1 else ("ids" if not a.dtype.is_floating_point else "values")
+        specs.append({"shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", ""), "role": role,
+                      "high": src.vocab_size if role == "ids" else None})
+    return tuple(specs)
+
+
+def _state_bytes(captured: Captured) -> int:
+    """Bytes of the program's parameters and non-cache buffers (quantized weights as stored)."""
+    seen, total = set(), 0
+    for name, t in captured.exported.state_dict.items():
+        if "key_cache" in name or "value_cache" in name or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+
+
+def _kv_bytes(captured: Captured) -> int:
+    ep = captured.exported
+    tensors = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
+    return sum(t.numel() * t.element_size() for n, t in tensors.items() if "key_cache" in n or "value_cache" in n)
 
 
 def compile(model: Any = None, example_inputs: Sequence | None = None, **kwargs) -> OptimizedModule:  # noqa: A001

@@ -59,6 +59,7 @@ class Plan:
     predictions: dict = field(default_factory=dict)
     passes: tuple[str, ...] = ()
     pass_configs: dict = field(default_factory=dict)
+    inputs: tuple = ()  # example input specs: {"shape", "dtype", "role", "high"} per forward input
     version: int = PLAN_SCHEMA_VERSION
 
     def with_(self, **changes) -> "Plan":
@@ -69,6 +70,7 @@ class Plan:
         d["decisions"] = [asdict(x) for x in self.decisions]
         d["order"] = list(self.order) if self.order is not None else None
         d["passes"] = list(self.passes)
+        d["inputs"] = [dict(x) for x in self.inputs]
         return d
 
     @classmethod
@@ -93,5 +95,6 @@ class Plan:
             predictions=dict(d.get("predictions", {})),
             passes=tuple(d.get("passes", ())),
             pass_configs=dict(d.get("pass_configs", {})),
+            inputs=tuple(d.get("inputs", ())),
             version=version,
         )

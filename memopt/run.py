@@ -1,0 +1,82 @@
+"""`memopt run DIR`: load an artifact and run it with PyTorch or ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from memopt.artifact import ArtifactError, load, load_plan
+
+
+def _example_inputs(plan, directory: Path) -> tuple:
+    """Inputs of the compiled shape, read from the plan (random token ids / values, seeded)."""
+    spec = json.loads((directory / "plan.json").read_text()).get("inputs")
+    if not spec:
+        raise ArtifactError(f"{directory} records no input shapes; pass --inputs FILE")
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for item in spec:
+        dtype = getattr(torch, item["dtype"])
+        if dtype.is_floating_point:
+            out.append(torch.randn(item["shape"], generator=gen).to(dtype))
+        elif item.get("role") == "mask":
+            out.append(torch.ones(item["shape"], dtype=dtype))
+        else:
+            out.append(torch.randint(3, max(item.get("high", 100), 4), item["shape"], generator=gen, dtype=dtype))
+    return tuple(out)
+
+
+def _read_inputs(path: str) -> tuple:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"inputs file {path!r} does not exist; pass a .safetensors or .pt file")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        d = load_file(str(p))
+        return tuple(d[k] for k in sorted(d))
+    obj = torch.load(str(p), weights_only=True)
+    if isinstance(obj, torch.Tensor):
+        return (obj,)
+    if isinstance(obj, dict):
+        return tuple(obj[k] for k in sorted(obj))
+    return tuple(obj)
+
+
+def _describe(outputs) -> dict:
+    outs = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    res = {}
+    for i, o in enumerate(outs):
+        o = torch.as_tensor(o)
+        f = o.float()
+        res[f"output{i}"] = {"shape": list(o.shape), "dtype": str(o.dtype).replace("torch.", ""),
+                             "mean": float(f.mean()), "std": float(f.std()) if f.numel() > 1 else 0.0}
+    return res
+
+
+def run_artifact(directory: str, *, prompt: str | None = None, inputs: str | None = None, engine: str = "torch",
+                 max_new_tokens: int = 48) -> dict:
+    directory_p = Path(directory)
+    plan = load_plan(directory_p)
+    if prompt is not None:
+        if engine != "torch":
+            raise ValueError("--prompt runs the generation program with --engine torch; ONNX runs the forward program")
+        module = load(directory_p)
+        if module.generator is None:
+            raise ValueError(f"{plan.model} is not a decoder LM; run it with --inputs FILE instead of --prompt")
+        t0 = time.perf_counter()
+        text = module.chat(prompt, max_new_tokens=max_new_tokens)
+        return {"model": plan.model, "prompt": prompt, "text": text, "engine": "torch",
+                "seconds": time.perf_counter() - t0}
+    args = _read_inputs(inputs) if inputs else _example_inputs(plan, directory_p)
+    t0 = time.perf_counter()
+    if engine == "onnx":
+        from memopt.onnx_export import run_onnx
+
+        outputs = run_onnx(directory_p / "model.onnx", args)
+    else:
+        outputs = load(directory_p)(*args)
+    return {"model": plan.model, "engine": engine, "outputs": _describe(outputs), "seconds": time.perf_counter() - t0}

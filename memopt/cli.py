@@ -36,13 +36,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="capture, plan and rewrite a model; write an artifact directory",
                        epilog=EPILOG)
     _common(p)
-    p.add_argument("-o", "--output", required=True, metavar="DIR", help="artifact directory to write")
+    p.add_argument("-o", "--output", default=None, metavar="DIR", help="artifact directory to write")
+    p.add_argument("--budget", default=None, metavar="BYTES",
+                   help="memory budget, e.g. 20GiB: plan weight formats, placement and KV bits to fit it")
+    p.add_argument("--objective", default="latency", choices=("latency", "quality"))
+    p.add_argument("--max-quality-loss", type=float, default=None, metavar="X",
+                   help="cap on the summed quality penalty of the budget plan")
+    p.add_argument("--plan-only", action="store_true",
+                   help="plan without weights (presets, config dirs, GGUF headers): print the plan, write plan.json")
     p.add_argument("--passes", default="arena", help="comma-separated passes, in order (default: arena)")
     p.add_argument("--quantize", default=None, metavar="FORMAT", help="weight format: int8, int4[:gN], lossless")
     p.add_argument("--quantize-skip", action="append", default=[], metavar="PATTERN",
                    help="layer name or glob to keep unquantized (repeatable)")
     p.add_argument("--solver", default="cbc", choices=("cbc", "highs", "greedy"), help="arena solver (default cbc)")
     p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="solver time limit in seconds")
+    p.add_argument("--offload", action="append", default=[], metavar="BLOCK",
+                   help="keep this block's weights on host memory, prefetched one block ahead (repeatable; globs ok)")
     p.add_argument("--max-cache", type=int, default=None, metavar="TOKENS",
                    help="decoders: KV-cache capacity of the generation program (default min(2048, context))")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx for ONNX Runtime")
@@ -80,15 +89,39 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_only(args: argparse.Namespace) -> int:
+    from types import SimpleNamespace
+
+    from memopt.artifact import save
+    from memopt.budget import format_budget_table, plan_budget
+
+    plan = plan_budget(args.model, target=args.target, budget_bytes=args.budget, batch=args.batch, seq=args.seq,
+                       objective=args.objective, max_quality_loss=args.max_quality_loss)
+    if args.output:
+        save(SimpleNamespace(plan=plan.to_plan(), tokenizer=None), args.output)
+    if args.json:
+        print(json.dumps({**plan.to_json(), "output": args.output}, indent=1))
+    else:
+        print(format_budget_table(plan))
+        if args.output:
+            print(f"wrote {args.output} (plan only)")
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from memopt.artifact import save
     from memopt.pipeline import compile_model
 
+    if args.plan_only:
+        return cmd_plan_only(args)
+    if not args.output:
+        raise ValueError("memopt compile needs -o DIR for the artifact (or --plan-only to only print the plan)")
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     result = compile_model(args.model, target=args.target, passes=passes, batch=args.batch, seq=args.seq,
                            quantize=args.quantize, quantize_skip=args.quantize_skip, arena_solver=args.solver,
                            time_limit_s=args.time_limit, max_cache=args.max_cache, dtype=args.dtype,
-                           verbose=not args.json)
+                           budget=args.budget, objective=args.objective, max_quality_loss=args.max_quality_loss,
+                           offload=args.offload, verbose=not args.json)
     out = save(result.module, args.output, programs=result.programs, onnx=args.onnx, report=result)
     plan = result.plan
     summary = {"output": str(out), "model": plan.model, "target": plan.target, "passes": list(plan.passes),
@@ -99,8 +132,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
                             "greedy_size_bytes": a.greedy_size_bytes, "tensors": len(a.offsets),
                             "solver": {"name": a.solver.name, "status": a.solver.status,
                                        "time_s": a.solver.time_s, "gap": a.solver.gap}}
+    if "budget" in plan.predictions:
+        summary["budget"] = plan.predictions["budget"]
+        summary["decisions"] = [{"name": d.name, "format": d.weight_format, "bytes": d.bytes} for d in plan.decisions]
     if args.json:
-        print(json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1, default=str))
         return 0
     print(f"compiled {plan.model} for {plan.target} (batch {plan.batch}, seq {plan.seq}), passes: {', '.join(plan.passes)}")
     if plan.arena is not None:

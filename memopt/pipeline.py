@@ -23,7 +23,7 @@ from memopt.plan import LayerDecision, Plan
 from memopt.sources import ModelSource, resolve_source
 from memopt.targets import get_target
 
-KNOWN_PASSES = ("quantize", "arena")
+KNOWN_PASSES = ("quantize", "offload", "arena")
 
 
 class OptimizedModule(nn.Module):
@@ -107,23 +107,48 @@ def _recapture(gm: torch.fx.GraphModule, captured: Captured) -> Captured:
                     captured.dynamic_shapes)
 
 
-def _weight_passes(captured: Captured, quantize: str, skip: Sequence[str], say) -> tuple[Captured, list[str], dict]:
-    from memopt.passes.quantize import QuantizePass, parse_quantize_spec
+def _weight_passes(captured: Captured, quantize: str | None, skip: Sequence[str], say,
+                   decisions: dict | None = None) -> tuple[Captured, list[str], dict]:
+    """Quantize with one format (`quantize`) or per layer (`decisions`: block name -> format)."""
+    from memopt.passes.quantize import QuantizePass, parse_quantize_spec, weight_sites
 
-    config = parse_quantize_spec(quantize)
     gm = captured.module()
     calib = [captured.example_inputs] if not captured.example_kwargs else None
-    say(f"quantizing weights ({quantize}) of the {captured.phase} program")
-    result = QuantizePass(config, skip=tuple(skip), calibration_inputs=calib)(gm, None)
+    if decisions is None:
+        config, plan = parse_quantize_spec(quantize), None
+        say(f"quantizing weights ({quantize}) of the {captured.phase} program")
+    else:
+        config = None
+        sites, _ = weight_sites(gm)
+        per_layer = {s.layer: _format_for(s.layer, decisions) for s in sites}
+        plan = Plan(decisions=tuple(LayerDecision(name, weight_format=fmt) for name, fmt in per_layer.items()))
+        say(f"quantizing weights per the budget plan ({len(per_layer)} weights) of the {captured.phase} program")
+    result = QuantizePass(config, skip=tuple(skip), calibration_inputs=calib)(gm, plan)
     record = dict(result.gm.meta.get("memopt_weights", {}))
     return _recapture(result.gm, captured), result.notes, record
+
+
+def _apply(captured: Captured, pass_obj, plan) -> tuple[Captured, list[str]]:
+    gm = captured.module()
+    result = pass_obj(gm, plan)
+    return (_recapture(result.gm, captured) if result.modified else captured), result.notes
+
+
+def _format_for(layer: str, decisions: dict) -> str:
+    """The budget plan's format for a weight: the longest decision name that is a dotted part of it."""
+    dotted = f".{layer}."
+    best = max((name for name in decisions if f".{name}." in dotted), key=len, default=None)
+    fmt = decisions.get(best, "native") if best else "native"
+    return "native" if fmt in ("bf16", "fp16", "native") else fmt
 
 
 def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, target: str = "h100-80gb",
                   passes: Sequence[str] = ("arena",), batch: int = 1, seq: int | None = None,
                   quantize: str | None = None, quantize_skip: Sequence[str] = (), arena_solver: str = "cbc",
                   time_limit_s: float = 10.0, outputs_in_arena: bool = False, max_cache: int | None = None,
-                  generation: bool = True, dtype=None, verbose: bool = False) -> CompileResult:
+                  generation: bool = True, budget: str | int | None = None, objective: str = "latency",
+                  max_quality_loss: float | None = None, offload: Sequence[str] = (), dtype=None,
+                  verbose: bool = False) -> CompileResult:
     """Capture `model`, run `passes` in order and return the emitted module with its plan.
     `max_cache`: KV-cache capacity (tokens) of a decoder's generation program (default: min(2048,
     the model's context)); `generation=False` skips that program."""
@@ -138,11 +163,21 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
             raise ValueError(f"unknown pass {p!r}; choose from {', '.join(KNOWN_PASSES)}")
     if "arena" in passes and passes[-1] != "arena":
         raise ValueError("the arena pass plans the final graph: list it last")
-    if "quantize" in passes and not quantize:
+    if "offload" in passes and "quantize" in passes and passes.index("offload") < passes.index("quantize"):
+        raise ValueError("offload moves the final weights: list quantize before offload")
+    if offload and "offload" not in passes:
+        passes.insert(passes.index("arena") if "arena" in passes else len(passes), "offload")
+    if "quantize" in passes and not quantize and budget is None:
         quantize = "int8"
     tgt = get_target(target)
     say = (lambda m: print(f"memopt: {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
     src = _as_source(model, example_inputs, dtype)
+    if budget is not None and src.dtype == torch.float32 and dtype is None:
+        # the budget planner prices 16-bit weights and caches; serve the model the way it was planned
+        src = _to_bf16(src)
+        notes_pre = [f"{src.name}: cast from float32 to bfloat16, the 16-bit dtype the budget plan assumes"]
+    else:
+        notes_pre = []
     if src.on_meta:
         raise ValueError(f"{src.name} has no weights (built on the meta device); compile needs real weights — "
                          "use memopt inspect to plan it, or pass a model directory with safetensors")
@@ -151,22 +186,53 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
     before = analyze(captured)
     gen = None
     if generation and src.family == "causal_lm":
-        cache = max_cache or min(2048, src.max_seq)
+        cache = max_cache or (captured.seq if budget is not None else min(2048, src.max_seq))
         say(f"capturing the generation program (static KV cache of {cache} tokens)")
         gen = capture(src, phase="decode", batch=batch, cache_len=cache, dynamic=True)
     plan = Plan(model=src.name, target=tgt.name, batch=captured.batch, seq=captured.seq, passes=tuple(passes),
                 inputs=_input_specs(src, captured.example_inputs))
-    notes: list[str] = []
+    notes: list[str] = list(notes_pre)
     weights_record: dict = {}
+    budget_plan, formats = None, None
+    if budget is not None:
+        from memopt.budget import plan_budget
+
+        say(f"planning formats for a budget of {budget} on {tgt.name}")
+        budget_plan = plan_budget(src, target=tgt, budget_bytes=budget, batch=captured.batch,
+                                  seq=captured.seq or None, objective=objective, max_quality_loss=max_quality_loss)
+        formats = {d["name"]: d["format"] for d in budget_plan.to_json()["decisions"]}
+        if any(f not in ("bf16", "native") for f in formats.values()) and "quantize" not in passes:
+            passes.insert(0, "quantize")
+        plan = plan.with_(passes=tuple(passes))
+        if any(d.placement == "host" for d in budget_plan.to_plan().decisions) and "offload" not in passes:
+            passes.insert(passes.index("arena") if "arena" in passes else len(passes), "offload")
+            plan = plan.with_(passes=tuple(passes))
+        kv = sorted({d.get("kv_bits") for d in budget_plan.to_json()["decisions"] if d.get("kv_bits") not in (None, 16)})
+        if kv:
+            notes.append(f"the plan compresses the KV cache to {'/'.join(map(str, kv))} bits; the emitted generation "
+                         "program keeps a 16-bit cache until the KV passes are wired into compile")
     if "quantize" in passes:
-        captured, qnotes, weights_record = _weight_passes(captured, quantize, quantize_skip, say)
+        captured, qnotes, weights_record = _weight_passes(captured, quantize, quantize_skip, say, formats)
         notes += qnotes
         if gen is not None:
-            gen, _, _ = _weight_passes(gen, quantize, quantize_skip, say)
-        plan = plan.with_(pass_configs={**plan.pass_configs, "quantize": quantize},
+            gen, _, _ = _weight_passes(gen, quantize, quantize_skip, say, formats)
+        plan = plan.with_(pass_configs={**plan.pass_configs, "quantize": quantize or "budget plan"},
                           decisions=tuple(LayerDecision(name, weight_format=r["format"], bytes=r["bytes"])
                                           for name, r in weights_record.items()))
-    analysis = analyze(captured) if "quantize" in passes else before
+    if "offload" in passes:
+        from memopt.passes.offload import OffloadConfig, OffloadPass
+
+        host_plan = budget_plan.to_plan() if budget_plan is not None else None
+        config = OffloadConfig(blocks=tuple(offload)) if offload else None
+        if config is None and host_plan is None:
+            raise ValueError("the offload pass needs blocks to offload: pass offload=[...] (--offload) or a --budget")
+        say("offloading blocks to host memory")
+        captured, onotes = _apply(captured, OffloadPass(config), host_plan)
+        notes += onotes
+        if gen is not None:
+            gen, _ = _apply(gen, OffloadPass(config), host_plan)
+        plan = plan.with_(pass_configs={**plan.pass_configs, "offload": config.to_json() if config else "budget plan"})
+    analysis = analyze(captured) if ("quantize" in passes or "offload" in passes) else before
     gm = captured.module()
     if "arena" in passes:
         config = ArenaConfig(time_limit_s=time_limit_s, solver=arena_solver, outputs_in_arena=outputs_in_arena)
@@ -191,9 +257,27 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
         "arena_bytes": plan.arena.size_bytes if plan.arena else None,
         "kv_cache_bytes": _kv_bytes(gen) if gen is not None else 0,
     })
+    if budget_plan is not None:
+        bp = budget_plan.to_json()
+        plan = plan.with_(predictions={**plan.predictions, "budget": {
+            k: bp[k] for k in ("fits", "budget_bytes", "predicted_peak_bytes", "predicted_decode_s_per_token",
+                               "solver")}})
     generator = gen.module() if gen is not None else None
     module = OptimizedModule(gm, plan, {"notes": notes}, generator=generator, tokenizer=src.tokenizer)
     return CompileResult(module, plan, src, captured, analysis, before, gen, notes)
+
+
+def _to_bf16(src: ModelSource) -> ModelSource:
+    import copy
+
+    model = src.model if src.fixed_inputs is None else copy.deepcopy(src.model)
+    model = model.to(torch.bfloat16)
+    inputs = src.fixed_inputs
+    if inputs is not None:
+        inputs = tuple(a.to(torch.bfloat16) if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                       for a in inputs)
+    return ModelSource(src.name, model, src.family, src.config, src.on_meta, src.tokenizer, src.pooled, inputs,
+                       src.weights_bytes_override, list(src.notes))
 
 
 def _input_specs(src: ModelSource, args: tuple) -> tuple:
@@ -208,10 +292,11 @@ def _input_specs(src: ModelSource, args: tuple) -> tuple:
 
 
 def _state_bytes(captured: Captured) -> int:
-    """Bytes of the program's parameters and non-cache buffers (quantized weights as stored)."""
+    """Device bytes of the program's parameters and non-cache buffers (quantized weights as stored;
+    offloaded blocks count only through their staging slots)."""
     seen, total = set(), 0
     for name, t in captured.exported.state_dict.items():
-        if "key_cache" in name or "value_cache" in name or id(t) in seen:
+        if "key_cache" in name or "value_cache" in name or "_memopt_offload_host_" in name or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()

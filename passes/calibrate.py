@@ -1,0 +1,96 @@
+"""Calibration: run a GraphModule on example inputs and record what each linear sees.
+
+An `torch.fx.Interpreter` watches chosen `aten.linear` nodes and accumulates, per node, the input
+statistics that weight quantizers need: mean |x| per input channel (AWQ-style saliency), optionally
+the Gram matrix X^T X (the GPTQ Hessian up to a factor) and a sample of input rows (for per-layer
+error measurements). Shapes: x `[rows, K]` after flattening the leading dimensions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+LINEAR = torch.ops.aten.linear.default
+
+
+@dataclass
+class LinearStats:
+    """Accumulated over all calibration rows of one linear's input."""
+
+    rows: int = 0
+    abs_sum: Tensor | None = None  # [K] float64
+    gram: Tensor | None = None  # [K, K] float64, sum of x^T x
+    samples: list[Tensor] = field(default_factory=list)  # float32 rows, at most `max_sample_rows` in all
+
+    @property
+    def mean_abs(self) -> Tensor:
+        return self.abs_sum / max(self.rows, 1)
+
+    @property
+    def hessian(self) -> Tensor:
+        """E[x^T x], `[K, K]` float64."""
+        return self.gram / max(self.rows, 1)
+
+    @property
+    def sample(self) -> Tensor:
+        return torch.cat(self.samples) if self.samples else torch.empty(0)
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm, watch: dict[str, LinearStats], gram: bool, max_sample_rows: int):
+        super().__init__(gm, garbage_collect_values=True)
+        self.watch, self.gram, self.max_rows = watch, gram, max_sample_rows
+
+    def run_node(self, n):
+        if n.name in self.watch:
+            x = self.env[n.args[0]]
+            self._record(self.watch[n.name], x.detach().reshape(-1, x.shape[-1]))
+        return super().run_node(n)
+
+    def _record(self, st: LinearStats, x: Tensor) -> None:
+        xd = x.double()
+        st.abs_sum = xd.abs().sum(0) if st.abs_sum is None else st.abs_sum + xd.abs().sum(0)
+        if self.gram:
+            g = xd.t() @ xd
+            st.gram = g if st.gram is None else st.gram + g
+        kept = sum(s.shape[0] for s in st.samples)
+        if kept < self.max_rows:
+            st.samples.append(x[: self.max_rows - kept].float().clone())
+        st.rows += x.shape[0]
+
+
+def linear_nodes(gm) -> list:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is LINEAR]
+
+
+def record_linear_inputs(gm, inputs: Iterable[Sequence], nodes: Iterable[str] | None = None, *,
+                         gram: bool = False, max_sample_rows: int = 0) -> dict[str, LinearStats]:
+    """Run `gm` on each args tuple in `inputs`; return {linear node name: LinearStats}.
+
+    `nodes` restricts recording to those node names (default: every `aten.linear`).
+    """
+    names = [n.name for n in linear_nodes(gm)] if nodes is None else list(nodes)
+    watch = {name: LinearStats() for name in names}
+    rec = _Recorder(gm, watch, gram, max_sample_rows)
+    ran = False
+    with torch.no_grad():
+        for args in inputs:
+            flat = pytree.tree_flatten((tuple(args), {}))[0]
+            try:
+                rec.run(*flat)
+            except AssertionError as e:  # the exported program's shape guards
+                shapes = [tuple(a.shape) for a in flat if isinstance(a, Tensor)]
+                raise ValueError(f"calibration input with shapes {shapes} is rejected by the graph's guards "
+                                 f"({e}); give inputs of the exported shapes, or export with dynamic_shapes") from e
+            ran = True
+    if not ran:
+        raise ValueError("calibration needs at least one example input; got an empty sequence")
+    return watch
+
+
+__all__ = ["LinearStats", "record_linear_inputs", "linear_nodes"]

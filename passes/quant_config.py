@@ -1,0 +1,164 @@
+"""Weight-format configs: frozen dataclasses that validate themselves and round-trip through JSON.
+
+Torch-free on purpose, so the CLI and the planner can parse and print formats cheaply.
+`parse_quantize_spec` turns the CLI's format strings into these configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar, Union
+
+CONFIG_VERSION = 1
+INT4_GROUP_SIZES = (32, 64, 128)
+INT4_METHODS = ("rtn", "gptq")
+ACCEPTED_SPECS = ("int8", "int8:dyn", "int4", "int4:g32", "int4:g64", "int4:g128", "int4:g64:gptq", "lossless")
+
+
+class _JsonConfig:
+    kind: ClassVar[str] = ""
+
+    def to_json(self) -> dict:
+        return {"type": self.kind, "version": CONFIG_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, d: dict):
+        if d.get("type") != cls.kind:
+            raise ValueError(f"expected a {cls.kind!r} config, got type {d.get('type')!r}")
+        if d.get("version") != CONFIG_VERSION:
+            raise ValueError(f"{cls.kind} config version {d.get('version')!r} is not supported "
+                             f"(this memopt reads version {CONFIG_VERSION})")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names - {"type", "version"})
+        if unknown:
+            raise ValueError(f"unknown {cls.kind} config fields {unknown}; accepted: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Int8WeightConfig(_JsonConfig):
+    """Symmetric per-output-channel int8 weights (LLM.int8() without the outlier split).
+
+    `embeddings`: also store embedding tables as int8 rows. `dynamic_activations`: quantize activations
+    per row at run time and multiply in int8 (W8A8-dynamic, fastest on CPU but adds activation error).
+    """
+
+    kind: ClassVar[str] = "int8"
+    embeddings: bool = True
+    dynamic_activations: bool = False
+
+    def __post_init__(self):
+        _check_bool("embeddings", self.embeddings)
+        _check_bool("dynamic_activations", self.dynamic_activations)
+
+    @property
+    def spec(self) -> str:
+        return "int8:dyn" if self.dynamic_activations else "int8"
+
+
+@dataclass(frozen=True)
+class Int4WeightConfig(_JsonConfig):
+    """Asymmetric group-wise int4 weights (groups of `group_size` input channels).
+
+    `outlier_fraction`: the most salient input channels (largest mean |x| on calibration inputs, as in
+    AWQ) are kept in bf16 beside the int4 matmul (block quantization with outliers); needs calibration.
+    `method`: "rtn" (round to nearest, MSE-searched clipping) or "gptq" (GPTQ, Frantar et al. 2022:
+    Hessian-based error compensation from calibration inputs, act-order with static groups).
+    `embeddings`: store embedding tables as int8 rows (there is no int4 embedding kernel).
+    """
+
+    kind: ClassVar[str] = "int4"
+    group_size: int = 64
+    outlier_fraction: float = 0.0
+    method: str = "rtn"
+    embeddings: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.group_size, bool) or self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size must be 32, 64 or 128, got {self.group_size!r}")
+        if isinstance(self.outlier_fraction, bool) or not isinstance(self.outlier_fraction, (int, float)) \
+                or not 0.0 <= self.outlier_fraction <= 0.25:
+            raise ValueError(f"outlier_fraction must be a number in [0, 0.25], got {self.outlier_fraction!r}")
+        if self.method not in INT4_METHODS:
+            raise ValueError(f"method must be one of {INT4_METHODS}, got {self.method!r}")
+        _check_bool("embeddings", self.embeddings)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.outlier_fraction > 0 or self.method == "gptq"
+
+    @property
+    def spec(self) -> str:
+        return f"int4:g{self.group_size}" + (":gptq" if self.method == "gptq" else "")
+
+
+@dataclass(frozen=True)
+class LosslessConfig(_JsonConfig):
+    """DFloat11-style lossless bf16 weights: Huffman-coded exponents, raw sign+mantissa bytes.
+
+    `block_size`: elements per independently decodable block (one bit offset stored per block).
+    `max_code_bits`: longest Huffman code (<= 16: the decoder reads 24-bit windows and looks the next
+    `max_code_bits` bits up in a 2**max_code_bits table; capping at 12-16 costs < 0.1% of the size).
+    `embeddings`: also compress bf16 embedding tables (decoding only the blocks of the rows looked up).
+    """
+
+    kind: ClassVar[str] = "lossless"
+    block_size: int = 512
+    max_code_bits: int = 16
+    embeddings: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) \
+                or not 32 <= self.block_size <= 1 << 20:
+            raise ValueError(f"block_size must be an int in [32, 1048576], got {self.block_size!r}")
+        if isinstance(self.max_code_bits, bool) or not isinstance(self.max_code_bits, int) \
+                or not 8 <= self.max_code_bits <= 16:
+            raise ValueError(f"max_code_bits must be an int in [8, 16], got {self.max_code_bits!r}")
+        _check_bool("embeddings", self.embeddings)
+
+    @property
+    def spec(self) -> str:
+        return "lossless"
+
+
+WeightConfig = Union[Int8WeightConfig, Int4WeightConfig, LosslessConfig]
+_KINDS = {c.kind: c for c in (Int8WeightConfig, Int4WeightConfig, LosslessConfig)}
+
+
+def config_from_json(d: dict) -> WeightConfig:
+    """Any weight config from its `to_json()` form (dispatching on `type`)."""
+    kind = d.get("type") if isinstance(d, dict) else None
+    if kind not in _KINDS:
+        raise ValueError(f"unknown weight config type {kind!r}; accepted: {sorted(_KINDS)}")
+    return _KINDS[kind].from_json(d)
+
+
+def parse_quantize_spec(spec: str) -> WeightConfig:
+    """'int8' | 'int8:dyn' | 'int4' | 'int4:g32' | 'int4:g64' | 'int4:g128' | 'int4:g64:gptq' | 'lossless'."""
+    s = spec.strip().lower() if isinstance(spec, str) else spec
+    if s == "int8":
+        return Int8WeightConfig()
+    if s == "int8:dyn":
+        return Int8WeightConfig(dynamic_activations=True)
+    if s == "lossless":
+        return LosslessConfig()
+    if isinstance(s, str) and s.startswith("int4"):
+        parts = s.split(":")
+        group, method = 64, "rtn"
+        ok = len(parts) <= 3
+        for p in parts[1:]:
+            if p.startswith("g") and p[1:].isdigit() and int(p[1:]) in INT4_GROUP_SIZES:
+                group = int(p[1:])
+            elif p in INT4_METHODS:
+                method = p
+            else:
+                ok = False
+        if ok:
+            return Int4WeightConfig(group_size=group, method=method)
+    raise ValueError(f"unknown weight format {spec!r}; accepted: {', '.join(ACCEPTED_SPECS)} "
+                     f"(int4 takes :g32/:g64/:g128 and :rtn/:gptq)")

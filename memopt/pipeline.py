@@ -40,8 +40,19 @@ class OptimizedModule(nn.Module):
         self.tokenizer = tokenizer
 
     def forward(self, *args, **kwargs):
+        if self.plan.arena is not None:
+            self._check_shapes(args)
         with torch.no_grad():  # an inference artifact; out= ops refuse autograd
             return self.gm(*args, **kwargs)
+
+    def _check_shapes(self, args: tuple) -> None:
+        """The arena is planned for one shape: say so clearly instead of failing inside the graph."""
+        for i, (a, spec) in enumerate(zip(args, self.plan.inputs)):
+            if isinstance(a, torch.Tensor) and list(a.shape) != list(spec["shape"]):
+                dims = spec["shape"]
+                hint = f" (recompile with --batch {a.shape[0]} --seq {a.shape[1]})" if len(dims) == 2 else ""
+                raise ValueError(f"input {i} has shape {list(a.shape)} but this module's arena was planned for "
+                                 f"{dims}{hint}; arena plans are per shape")
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
         """Greedy new tokens (batch, n) after `input_ids` (batch, prompt_len)."""
@@ -128,6 +139,28 @@ def _weight_passes(captured: Captured, quantize: str | None, skip: Sequence[str]
     return _recapture(result.gm, captured), result.notes, record
 
 
+def _reorder(captured: Captured, analysis: Analysis, time_limit_s: float, say) -> tuple[Captured, Analysis, list[str]]:
+    """Reorder ops for a lower activation peak when the schedule solver finds one (validated as a
+    topological order of the FX graph), then re-capture so the arena is planned on the new order."""
+    from memopt.reorder import reorder_graph
+    from memopt.solvers.schedule import solve_schedule
+
+    graph = analysis.to_memgraph()
+    result = solve_schedule(graph, kinds=("activation",), time_limit_s=min(time_limit_s, 5.0))
+    if result.peak_bytes >= result.original_peak_bytes:
+        return captured, analysis, [f"operator order kept: the schedule solver found no lower peak ({result.solver.status})"]
+    gm = captured.module()
+    reorder_graph(gm, [graph.ops[i].name for i in result.order])
+    new = _recapture(gm, captured)
+    new_analysis = analyze(new)
+    if new_analysis.activation_lower_bound_bytes >= analysis.activation_lower_bound_bytes:
+        return captured, analysis, ["operator order kept: the reordered graph did not lower the peak"]
+    say(f"reordered ops: activation peak {analysis.activation_lower_bound_bytes} -> "
+        f"{new_analysis.activation_lower_bound_bytes} bytes")
+    return new, new_analysis, [f"reordered ops ({result.solver.name}): activation lower bound "
+                               f"{analysis.activation_lower_bound_bytes} -> {new_analysis.activation_lower_bound_bytes} bytes"]
+
+
 def _apply(captured: Captured, pass_obj, plan) -> tuple[Captured, list[str]]:
     gm = captured.module()
     result = pass_obj(gm, plan)
@@ -147,7 +180,8 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
                   quantize: str | None = None, quantize_skip: Sequence[str] = (), arena_solver: str = "cbc",
                   time_limit_s: float = 10.0, outputs_in_arena: bool = False, max_cache: int | None = None,
                   generation: bool = True, budget: str | int | None = None, objective: str = "latency",
-                  max_quality_loss: float | None = None, offload: Sequence[str] = (), dtype=None,
+                  max_quality_loss: float | None = None, offload: Sequence[str] = (), reorder: bool = False,
+                  dtype=None,
                   verbose: bool = False) -> CompileResult:
     """Capture `model`, run `passes` in order and return the emitted module with its plan.
     `max_cache`: KV-cache capacity (tokens) of a decoder's generation program (default: min(2048,
@@ -233,6 +267,9 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
             gen, _ = _apply(gen, OffloadPass(config), host_plan)
         plan = plan.with_(pass_configs={**plan.pass_configs, "offload": config.to_json() if config else "budget plan"})
     analysis = analyze(captured) if ("quantize" in passes or "offload" in passes) else before
+    if reorder and "arena" in passes:
+        captured, analysis, rnote = _reorder(captured, analysis, time_limit_s, say)
+        notes += rnote
     gm = captured.module()
     if "arena" in passes:
         config = ArenaConfig(time_limit_s=time_limit_s, solver=arena_solver, outputs_in_arena=outputs_in_arena)
@@ -264,7 +301,9 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
                                "solver")}})
     generator = gen.module() if gen is not None else None
     module = OptimizedModule(gm, plan, {"notes": notes}, generator=generator, tokenizer=src.tokenizer)
-    return CompileResult(module, plan, src, captured, analysis, before, gen, notes)
+    result = CompileResult(module, plan, src, captured, analysis, before, gen, notes)
+    module.programs = result.programs  # what memopt.save writes
+    return result
 
 
 def _to_bf16(src: ModelSource) -> ModelSource:

@@ -59,3 +59,23 @@ def mlp_factory():
 def cnn_factory():
     torch.manual_seed(0)
     return TinyCNN().eval(), (torch.randn(2, 3, 32, 32),)
+
+
+class Branchy(nn.Module):
+    """Two wide branches whose reductions can run early: graph order keeps both wide tensors alive,
+    the best order keeps one."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(64, 4096)
+        self.b = nn.Linear(64, 4096)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.a(x)
+        b = self.b(x)
+        return a.sum(-1) + b.sum(-1)
+
+
+def branchy_factory():
+    torch.manual_seed(0)
+    return Branchy().eval(), (torch.randn(16, 64),)

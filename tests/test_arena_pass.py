@@ -95,3 +95,14 @@ def test_compile_cli_writes_artifact_and_reloads(tmp_path):
 def test_compile_rejects_unknown_pass():
     with pytest.raises(ValueError, match="unknown pass 'fuse'"):
         compile_model("demo", passes=["fuse"])
+
+
+def test_reorder_lowers_the_arena_and_keeps_outputs():
+    from conftest import branchy_factory
+
+    model, inputs = branchy_factory()
+    plain = compile_model(model, inputs)
+    reordered = compile_model(model, inputs, reorder=True)
+    assert reordered.plan.arena.size_bytes < plain.plan.arena.size_bytes
+    assert any("reordered ops" in n for n in reordered.notes)
+    torch.testing.assert_close(reordered.module(*inputs), model(*inputs))

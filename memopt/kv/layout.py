@@ -1,0 +1,147 @@
+"""`Layout`: the resolved storage of one group of KV heads in one layer, in plain numbers.
+
+A policy (`memopt.kv.policy`) resolves to one `Layout` per group of heads once the model's shapes are
+known; the runtime op (`memopt.runtime.kv_ops`) reads nothing else. Every layout is the same four
+regions, any of which may be empty, for a token stream at positions 0, 1, 2, ...:
+
+    sinks     the first `sinks` tokens, full precision                (batch, heads, sinks, head_dim)
+    store     `blocks` blocks of `group` tokens: packed low-bit data    (batch, heads, blocks, group, ...)
+              (KIVI: keys per channel over the block's tokens, values per token over `value_group`
+              channels) or full precision; `key_channels` < head_dim keeps only ThinK's chosen channels
+    residual  a ring of the most recent `residual` tokens, full precision (batch, heads, residual, head_dim)
+    scores    per residual token and per store block, fp32, when eviction is score-based (H2O)
+
+Tokens enter the residual ring; when it is full the oldest `group` tokens are flushed into one store
+block. When the store is full a block is evicted: the oldest (`evict="fifo"`, StreamingLLM's ring) or
+the lowest-scored (`evict="score"`, H2O), or the flushed block itself if it scores lower still. With
+`residual=0` (full-precision store, `group=1`) tokens go straight to the store. Placement depends only on
+the number of tokens seen, so the decode step needs no bookkeeping besides the scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+import torch
+
+FP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+QUANT_BITS = (2, 4, 8)
+SCORES = ("", "h2o", "scissorhands")
+PREFILL_SCORES = ("", "h2o", "scissorhands", "snapkv")
+
+
+@dataclass(frozen=True)
+class Layout:
+    heads: tuple[int, ...]
+    head_dim: int
+    sinks: int = 0
+    residual: int = 0
+    group: int = 1
+    blocks: int = 0
+    key_bits: int = 16
+    value_bits: int = 16
+    value_group: int = 0  # channels per value scale group (quantized values); 0: head_dim
+    key_channels: int = 0  # ThinK: key channels kept in the store; 0: head_dim
+    evict: str = "fifo"  # fifo | score
+    score: str = ""  # decode-time score update: "" | h2o | scissorhands
+    prefill_score: str = ""  # "" | h2o | scissorhands | snapkv
+    window: int = 0  # SnapKV's observation window: the last `window` prompt queries
+    kernel: int = 1  # SnapKV pooling kernel
+    channel_window: int = 0  # ThinK's observation window
+    dtype: str = "float16"
+    bounded: bool = False  # True: drops tokens beyond `capacity` by design; False: sized for a context
+
+    def __post_init__(self):
+        if self.residual and self.residual % self.group:
+            raise ValueError(f"residual {self.residual} must be a multiple of group {self.group}")
+        if self.residual == 0 and self.group != 1 and self.blocks:
+            raise ValueError(f"a store of {self.group}-token blocks needs a residual ring to collect them")
+
+    @property
+    def n_heads(self) -> int:
+        return len(self.heads)
+
+    @property
+    def kept_channels(self) -> int:
+        return self.key_channels or self.head_dim
+
+    @property
+    def value_channels_per_group(self) -> int:
+        return self.value_group or self.head_dim
+
+    @property
+    def capacity(self) -> int:
+        """Most tokens held at once (the attention span of a decode step, minus the new token)."""
+        return self.sinks + self.residual + self.blocks * self.group
+
+    @property
+    def scored(self) -> bool:
+        return self.evict == "score"
+
+    def flushed(self, n_tokens: int) -> int:
+        """Blocks flushed from the residual ring into the store after `n_tokens` tokens."""
+        m = max(0, n_tokens - self.sinks)
+        if self.residual == 0:
+            return m
+        return max(0, -(-(m - self.residual) // self.group))
+
+    def buffers(self, batch: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        """(name, shape, dtype) of every tensor this layout stores, in the op's argument order."""
+        b, h, d, g, nb = batch, self.n_heads, self.head_dim, self.group, self.blocks
+        fp, dk = FP_DTYPES[self.dtype], self.kept_channels
+        out = []
+        if self.sinks:
+            out += [("sink_k", (b, h, self.sinks, d), fp), ("sink_v", (b, h, self.sinks, d), fp)]
+        if self.residual:
+            out += [("res_k", (b, h, self.residual, d), fp), ("res_v", (b, h, self.residual, d), fp)]
+            if self.scored:
+                out.append(("res_score", (b, h, self.residual), torch.float32))
+        if nb:
+            if self.key_bits == 16:
+                out.append(("store_k", (b, h, nb, g, dk), fp))
+            else:
+                out += [("store_kq", (b, h, nb, g, dk * self.key_bits // 8), torch.uint8),
+                        ("store_kscale", (b, h, nb, dk), torch.float16), ("store_kzero", (b, h, nb, dk), torch.float16)]
+            if self.value_bits == 16:
+                out.append(("store_v", (b, h, nb, g, d), fp))
+            else:
+                ng = d // self.value_channels_per_group
+                out += [("store_vq", (b, h, nb, g, d * self.value_bits // 8), torch.uint8),
+                        ("store_vscale", (b, h, nb, g, ng), torch.float16),
+                        ("store_vzero", (b, h, nb, g, ng), torch.float16)]
+            if self.scored:
+                out.append(("store_score", (b, h, nb), torch.float32))
+            if dk != d:
+                out.append(("channels", (b, h, dk), torch.int16))
+        return out
+
+    def buffer_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in self.buffers(1))
+
+    def nbytes(self, batch: int) -> int:
+        """True bytes of every stored tensor: packed data, scales and zeros, residual, sinks, scores."""
+        return sum(math.prod(shape) * torch.empty((), dtype=dt).element_size() for _, shape, dt in self.buffers(batch))
+
+    def allocate(self, batch: int, device=None) -> dict[str, torch.Tensor]:
+        out = {name: torch.zeros(shape, dtype=dt, device=device) for name, shape, dt in self.buffers(batch)}
+        if "channels" in out:
+            out["channels"].fill_(-1)  # chosen at prefill (ThinK) or at the first flush
+        return out
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["heads"] = list(self.heads)
+        return d
+
+
+def layouts_to_str(layouts: tuple[Layout, ...]) -> str:
+    """The op's `layouts` argument: a compact JSON list."""
+    return json.dumps([x.to_json() for x in layouts], separators=(",", ":"))
+
+
+@lru_cache(maxsize=1024)
+def layouts_from_str(text: str) -> tuple[Layout, ...]:
+    return tuple(Layout(**{**d, "heads": tuple(d["heads"])}) for d in json.loads(text))

@@ -1,0 +1,88 @@
+"""Prefill into a compressed cache: run the eager model once over the prompt with full attention, and
+hand each layer's keys, values and queries (after RoPE) to the layer's policy as they are computed.
+
+`record_attention(model, sink)` registers a transformers attention function (`AttentionInterface`,
+name "memopt_record") that computes causal SDPA as usual and calls `sink(layer, q, k, v, scale)` with
+q (batch, q_heads, T, head_dim) and k, v (batch, kv_heads, T, head_dim); the model's own attention
+implementation is restored on exit. `fill_compressed(gm)` is the sink that scores the prompt (H2O,
+Scissorhands, SnapKV, ThinK) and writes the compressed state, one layer at a time, so a full-size cache
+never exists. Prompts are one sequence per batch row, without padding.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from memopt.kv.h2o import h2o_scores, scissorhands_scores
+from memopt.kv.layout import layouts_from_str
+from memopt.kv.snapkv import snapkv_scores
+from memopt.kv.think import think_channel_scores
+
+Sink = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
+_SINKS: list[Sink] = []
+_NAME = "memopt_record"
+
+
+def _recording_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    causal = attention_mask is None and query.shape[2] == key.shape[2]
+    n_rep = query.shape[1] // key.shape[1]  # expanded, so long prompts take SDPA's flash path on CPU too
+    k, v = (key, value) if n_rep == 1 else (key.repeat_interleave(n_rep, 1), value.repeat_interleave(n_rep, 1))
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=attention_mask, is_causal=causal, scale=scale)
+    if _SINKS:
+        _SINKS[-1](module.layer_idx, query, key, value, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def record_attention(model, sink: Sink):
+    """Within the block, `model`'s attention layers call `sink(layer, q, k, v, scale)` (see module doc)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_NAME, _recording_attention)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_NAME)
+    _SINKS.append(sink)
+    try:
+        yield
+    finally:
+        _SINKS.pop()
+        model.set_attn_implementation(previous)
+
+
+def fill_compressed(gm) -> Sink:
+    """A sink that writes each layer's prompt keys and values into `gm`'s cache (compressed or static)."""
+    from memopt.runtime.kv_ops import fill_group
+
+    meta = gm.meta.get("memopt_kv")
+
+    def sink(layer: int, q, k, v, scale: float) -> None:
+        if meta is None:  # an uncompressed static cache: keys and values at their positions
+            t = k.shape[2]
+            getattr(gm, f"key_cache_{layer}")[:, :, :t] = k
+            getattr(gm, f"value_cache_{layer}")[:, :, :t] = v
+            return
+        entry = meta["layers"].get(layer, meta["layers"].get(str(layer)))
+        names = iter(entry["buffers"])
+        n_rep = q.shape[1] // k.shape[1]
+        for layout in layouts_from_str(entry["layouts"]):
+            bufs = {name: getattr(gm, next(names)) for name in layout.buffer_names()}
+            heads = torch.tensor(layout.heads, device=k.device)
+            q_heads = (heads[:, None] * n_rep + torch.arange(n_rep, device=k.device)).flatten()
+            qg, kg, vg = q[:, q_heads], k[:, heads], v[:, heads]
+            scores = channel_scores = None
+            if layout.prefill_score == "h2o":
+                scores = h2o_scores(qg, kg, scale)
+            elif layout.prefill_score == "scissorhands":
+                scores = scissorhands_scores(qg, kg, scale)
+            elif layout.prefill_score == "snapkv":
+                scores = snapkv_scores(qg, kg, scale, layout.window, layout.kernel)
+            if layout.kept_channels != layout.head_dim:
+                channel_scores = think_channel_scores(qg, kg, layout.channel_window)
+            fill_group(layout, bufs, kg, vg, scores, channel_scores)
+
+    return sink

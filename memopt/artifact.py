@@ -221,6 +221,9 @@ def load(directory: str | os.PathLike):
         if (directory / "generate.pt2").is_file():
             programs["generate"] = load_program(directory, "generate", weights)
             generator = programs["generate"].module()
+            kv = plan.pass_configs.get("kv")
+            if isinstance(kv, dict) and kv.get("meta"):
+                generator.meta["memopt_kv"] = kv["meta"]  # the compressed cache's layouts, for generate
     if plan.arena is not None:
         from memopt.passes.arena import ArenaPass
 

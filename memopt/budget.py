@@ -23,7 +23,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
 from memopt import cost
@@ -102,14 +102,9 @@ class BudgetConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> "BudgetConfig":
-        if d.get("type") != "budget" or d.get("version") != CONFIG_VERSION:
-            raise ValueError(f"expected a budget config of version {CONFIG_VERSION}, got type {d.get('type')!r} "
-                             f"version {d.get('version')!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names - {"type", "version"})
-        if unknown:
-            raise ValueError(f"unknown budget config fields {unknown}; accepted: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        from memopt.jsonconfig import config_from_json
+
+        return config_from_json(cls, d, "budget", CONFIG_VERSION)
 
 
 @dataclass(frozen=True)

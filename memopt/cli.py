@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer name or glob to keep unquantized (repeatable)")
     p.add_argument("--solver", default="cbc", choices=("cbc", "highs", "greedy"), help="arena solver (default cbc)")
     p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="solver time limit in seconds")
+    p.add_argument("--kv", default=None, metavar="POLICY",
+                   help="decoders: compressed KV cache for generation, e.g. kivi:4, kivi:k4v2:g32:r128:s4, "
+                        "streaming:4:508, h2o:256, snapkv:256")
     p.add_argument("--reorder", action="store_true",
                    help="reorder operators for a lower activation peak when the schedule solver finds one")
     p.add_argument("--offload", action="append", default=[], metavar="BLOCK",
@@ -123,7 +126,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            quantize=args.quantize, quantize_skip=args.quantize_skip, arena_solver=args.solver,
                            time_limit_s=args.time_limit, max_cache=args.max_cache, dtype=args.dtype,
                            budget=args.budget, objective=args.objective, max_quality_loss=args.max_quality_loss,
-                           offload=args.offload, reorder=args.reorder, verbose=not args.json)
+                           offload=args.offload, reorder=args.reorder, kv=args.kv, verbose=not args.json)
     out = save(result.module, args.output, programs=result.programs, onnx=args.onnx, report=result)
     plan = result.plan
     summary = {"output": str(out), "model": plan.model, "target": plan.target, "passes": list(plan.passes),

@@ -61,6 +61,10 @@ class OptimizedModule(nn.Module):
         if self.generator is None:
             raise ValueError(f"{self.plan.model} was not compiled as a decoder LM; it has no generation program")
         eos = kwargs.pop("eos_token_id", getattr(self.tokenizer, "eos_token_id", None))
+        if "memopt_kv" in self.generator.meta:  # a compressed cache: prefill and decode one token per call
+            from memopt.generate import generate as generate_compressed
+
+            return generate_compressed(self.generator, input_ids, max_new_tokens, eos_token_id=eos)
         return generate(self.generator, input_ids, max_new_tokens, eos_token_id=eos, **kwargs)
 
     def chat(self, prompt: str, max_new_tokens: int = 64) -> str:
@@ -161,6 +165,23 @@ def _reorder(captured: Captured, analysis: Analysis, time_limit_s: float, say) -
                                f"{analysis.activation_lower_bound_bytes} -> {new_analysis.activation_lower_bound_bytes} bytes"]
 
 
+def _compress_kv(gen: Captured, spec: str | None, plan) -> tuple[Captured, dict | None, list[str]]:
+    """KV-cache compression of the generation program, by one policy (`spec`, e.g. "kivi:4") or per
+    layer from a budget plan's `kv_policy` decisions."""
+    from memopt.kv.policy import parse_kv_spec
+    from memopt.passes.kv import KVCompressionPass
+
+    if spec is None:
+        decisions = [d for d in plan.decisions if d.kv_policy not in ("", "full", None)]
+        if not decisions:
+            return gen, None, []
+        plan = Plan(decisions=tuple(decisions))
+    gm = gen.module()
+    result = KVCompressionPass(parse_kv_spec(spec) if spec else None)(gm, plan if spec is None else None)
+    meta = gm.meta["memopt_kv"]
+    return _recapture(result.gm, gen), meta, result.notes
+
+
 def _apply(captured: Captured, pass_obj, plan) -> tuple[Captured, list[str]]:
     gm = captured.module()
     result = pass_obj(gm, plan)
@@ -181,7 +202,7 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
                   time_limit_s: float = 10.0, outputs_in_arena: bool = False, max_cache: int | None = None,
                   generation: bool = True, budget: str | int | None = None, objective: str = "latency",
                   max_quality_loss: float | None = None, offload: Sequence[str] = (), reorder: bool = False,
-                  dtype=None,
+                  kv: str | None = None, dtype=None,
                   verbose: bool = False) -> CompileResult:
     """Capture `model`, run `passes` in order and return the emitted module with its plan.
     `max_cache`: KV-cache capacity (tokens) of a decoder's generation program (default: min(2048,
@@ -204,6 +225,10 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
     if "quantize" in passes and not quantize and budget is None:
         quantize = "int8"
     tgt = get_target(target)
+    if kv:
+        from memopt.kv.policy import parse_kv_spec
+
+        parse_kv_spec(kv)  # a bad policy fails here, before any capture
     say = (lambda m: print(f"memopt: {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
     src = _as_source(model, example_inputs, dtype)
     if budget is not None and src.dtype == torch.float32 and dtype is None:
@@ -222,7 +247,8 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
     if generation and src.family == "causal_lm":
         cache = max_cache or (captured.seq if budget is not None else min(2048, src.max_seq))
         say(f"capturing the generation program (static KV cache of {cache} tokens)")
-        gen = capture(src, phase="decode", batch=batch, cache_len=cache, dynamic=True)
+        # a compressed cache is written one token at a time: its program takes one token per call
+        gen = capture(src, phase="decode", batch=batch, cache_len=cache, dynamic=not (kv or budget is not None))
     plan = Plan(model=src.name, target=tgt.name, batch=captured.batch, seq=captured.seq, passes=tuple(passes),
                 inputs=_input_specs(src, captured.example_inputs))
     notes: list[str] = list(notes_pre)
@@ -241,10 +267,6 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
         if any(d.placement == "host" for d in budget_plan.to_plan().decisions) and "offload" not in passes:
             passes.insert(passes.index("arena") if "arena" in passes else len(passes), "offload")
             plan = plan.with_(passes=tuple(passes))
-        kv = sorted({d.get("kv_bits") for d in budget_plan.to_json()["decisions"] if d.get("kv_bits") not in (None, 16)})
-        if kv:
-            notes.append(f"the plan compresses the KV cache to {'/'.join(map(str, kv))} bits; the emitted generation "
-                         "program keeps a 16-bit cache until the KV passes are wired into compile")
     if "quantize" in passes:
         captured, qnotes, weights_record = _weight_passes(captured, quantize, quantize_skip, say, formats)
         notes += qnotes
@@ -266,6 +288,12 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
         if gen is not None:
             gen, _ = _apply(gen, OffloadPass(config), host_plan)
         plan = plan.with_(pass_configs={**plan.pass_configs, "offload": config.to_json() if config else "budget plan"})
+    kv_meta = None
+    if gen is not None and (kv or budget_plan is not None):
+        gen, kv_meta, knotes = _compress_kv(gen, kv, budget_plan.to_plan() if budget_plan and not kv else None)
+        notes += knotes
+        if kv_meta is not None:
+            plan = plan.with_(pass_configs={**plan.pass_configs, "kv": {"spec": kv or "budget plan", "meta": kv_meta}})
     analysis = analyze(captured) if ("quantize" in passes or "offload" in passes) else before
     if reorder and "arena" in passes:
         captured, analysis, rnote = _reorder(captured, analysis, time_limit_s, say)
@@ -300,6 +328,8 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
             k: bp[k] for k in ("fits", "budget_bytes", "predicted_peak_bytes", "predicted_decode_s_per_token",
                                "solver")}})
     generator = gen.module() if gen is not None else None
+    if generator is not None and kv_meta is not None:
+        generator.meta["memopt_kv"] = kv_meta
     module = OptimizedModule(gm, plan, {"notes": notes}, generator=generator, tokenizer=src.tokenizer)
     result = CompileResult(module, plan, src, captured, analysis, before, gen, notes)
     module.programs = result.programs  # what memopt.save writes
@@ -335,7 +365,7 @@ def _state_bytes(captured: Captured) -> int:
     offloaded blocks count only through their staging slots)."""
     seen, total = set(), 0
     for name, t in captured.exported.state_dict.items():
-        if "key_cache" in name or "value_cache" in name or "_memopt_offload_host_" in name or id(t) in seen:
+        if _is_kv(name) or "_memopt_offload_host_" in name or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
@@ -345,7 +375,11 @@ def _state_bytes(captured: Captured) -> int:
 def _kv_bytes(captured: Captured) -> int:
     ep = captured.exported
     tensors = {**ep.state_dict, **{k: v for k, v in ep.constants.items() if isinstance(v, torch.Tensor)}}
-    return sum(t.numel() * t.element_size() for n, t in tensors.items() if "key_cache" in n or "value_cache" in n)
+    return sum(t.numel() * t.element_size() for n, t in tensors.items() if _is_kv(n))
+
+
+def _is_kv(name: str) -> bool:
+    return "key_cache" in name or "value_cache" in name or "kv_cache_" in name
 
 
 def compile(model: Any = None, example_inputs: Sequence | None = None, **kwargs) -> OptimizedModule:  # noqa: A001

@@ -26,7 +26,7 @@ counts the weight bytes left on the device. Staging memory: n_slots x the larges
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import fx
@@ -73,14 +73,9 @@ class OffloadConfig:
 
     @classmethod
     def from_json(cls, d: dict) -> "OffloadConfig":
-        if d.get("type") != "offload" or d.get("version") != CONFIG_VERSION:
-            raise ValueError(f"expected an offload config of version {CONFIG_VERSION}, got type {d.get('type')!r} "
-                             f"version {d.get('version')!r}")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names - {"type", "version"})
-        if unknown:
-            raise ValueError(f"unknown offload config fields {unknown}; accepted: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        from memopt.jsonconfig import config_from_json
+
+        return config_from_json(cls, d, "offload", CONFIG_VERSION)
 
 
 @dataclass(frozen=True)

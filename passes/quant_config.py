@@ -6,7 +6,7 @@ Torch-free on purpose, so the CLI and the planner can parse and print formats ch
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import ClassVar, Union
 
 CONFIG_VERSION = 1
@@ -23,16 +23,9 @@ class _JsonConfig:
 
     @classmethod
     def from_json(cls, d: dict):
-        if d.get("type") != cls.kind:
-            raise ValueError(f"expected a {cls.kind!r} config, got type {d.get('type')!r}")
-        if d.get("version") != CONFIG_VERSION:
-            raise ValueError(f"{cls.kind} config version {d.get('version')!r} is not supported "
-                             f"(this memopt reads version {CONFIG_VERSION})")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names - {"type", "version"})
-        if unknown:
-            raise ValueError(f"unknown {cls.kind} config fields {unknown}; accepted: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        from memopt.jsonconfig import config_from_json
+
+        return config_from_json(cls, d, cls.kind, CONFIG_VERSION)
 
 
 def _check_bool(name: str, value) -> None:

@@ -79,3 +79,24 @@ class Branchy(nn.Module):
 def branchy_factory():
     torch.manual_seed(0)
     return Branchy().eval(), (torch.randn(16, 64),)
+
+
+class LlamaLogits(nn.Module):
+    """A transformers causal LM as a plain tensor -> tensor module: ids (batch, seq) -> logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.m = model
+
+    def forward(self, ids):
+        return self.m(input_ids=ids, use_cache=False).logits
+
+
+def tiny_llama():
+    """A 2-layer, 128-wide random-init Llama (seeded), wrapped to return logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    return LlamaLogits(LlamaForCausalLM(cfg).eval())

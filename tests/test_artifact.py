@@ -141,3 +141,17 @@ def test_python_api_one_call():
 
     opt = memopt.compile("demo", seq=16, target="rtx-4090", passes=["arena"])
     assert isinstance(opt, torch.nn.Module) and opt.plan.target == "rtx-4090" and opt.plan.arena is not None
+
+
+def test_compressed_kv_generation_round_trip(tmp_path):
+    result = compile_model("demo", seq=16, quantize="int8", kv="kivi:k4v2:g32:r32", max_cache=256)
+    assert result.plan.predictions["kv_cache_bytes"] < 2 * 4 * 2 * 32 * 256 * 4 * 0.25  # < 1/4 of the fp32 cache
+    ids = torch.tensor([[5, 17, 99, 4]])
+    expected = result.module.generate(ids, 6)
+    out = save(result.module, tmp_path / "kv")
+    assert torch.equal(load(out).generate(ids, 6), expected)
+
+
+def test_bad_kv_policy_fails_before_capture():
+    with pytest.raises(ValueError, match="residual"):
+        compile_model("demo", seq=16, kv="kivi:k4v2:g32:r16")

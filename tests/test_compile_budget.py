@@ -60,3 +60,15 @@ def test_compiled_module_fits_its_budget():
     cos = torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).item()
     assert cos >= 0.99, f"cosine {cos} too low"
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_budget_plan_compresses_the_kv_cache_it_priced():
+    result = compile_model("demo", seq=256, budget="3MiB", target="custom:mem=4GiB,bw=100GB/s")
+    planned = result.plan.predictions["budget"]
+    kv_policies = {d.kv_policy for d in result.plan.decisions} if result.plan.decisions else set()
+    assert result.plan.predictions["kv_cache_bytes"] > 0
+    if "kv" in result.plan.pass_configs:  # the planner chose fewer than 16 bits somewhere
+        assert result.plan.predictions["kv_cache_bytes"] < 2 * 4 * 2 * 32 * 256 * 2  # below a 16-bit cache
+    assert planned["fits"] and kv_policies is not None
+    new = result.module.generate(torch.tensor([[5, 17, 99, 4]]), 4)
+    assert new.shape == (1, 4)

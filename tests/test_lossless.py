@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 
 import memopt.runtime.dfloat11 as df11
 from memopt.passes.lossless import LosslessPass, decompress_lossless, lossless_ratio
@@ -81,22 +82,10 @@ def test_encode_rejects_non_bf16():
         df11.encode_bf16(torch.zeros(4, 4))
 
 
-class LlamaLogits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids):
-        return self.m(input_ids=ids, use_cache=False).logits
 
 
 def test_pass_on_bf16_llama_is_exact_and_reexports():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    model = LlamaLogits(LlamaForCausalLM(cfg).eval().to(torch.bfloat16))
+    model = tiny_llama().to(torch.bfloat16)
     ids = torch.randint(0, 256, (2, 16))
     gm = torch.export.export(model, (ids,), strict=False).module()
     with torch.no_grad():

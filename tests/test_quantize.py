@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from memopt.passes.quant_config import (ACCEPTED_SPECS, Int4WeightConfig, Int8We
 from memopt.passes.quantize import QuantizePass, quantized_weight_bytes
 from memopt.plan import LayerDecision, Plan
 from memopt.sensitivity import layer_sensitivity, load_sensitivity, save_sensitivity, weight_bytes
+from memopt.sources import EncoderOutput, minilm_dir
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -282,15 +282,6 @@ CALIB = [  # calibration text, disjoint from EVAL
 ]
 
 
-class SentenceEncoder(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.m = model
-
-    def forward(self, ids, mask):
-        return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
-
-
 def embed(fn, enc) -> torch.Tensor:
     with torch.no_grad():
         hidden = fn(enc["input_ids"], enc["attention_mask"])
@@ -306,10 +297,10 @@ def minilm():
     from torch.export import Dim
     from transformers import AutoModel, AutoTokenizer
 
-    path = os.path.join(os.path.dirname(spec.origin), "model")
+    path = minilm_dir()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
     enc, cal = tok(EVAL, padding=True, return_tensors="pt"), tok(CALIB, padding=True, return_tensors="pt")
-    wrapped = SentenceEncoder(model)
+    wrapped = EncoderOutput(model)
     b, t = Dim("batch", max=256), Dim("tokens", max=512)
     gm = torch.export.export(wrapped, (enc["input_ids"], enc["attention_mask"]),
                              dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}), strict=False).module()

@@ -39,18 +39,13 @@ class KVConfig:
 
 def kv_config_from_json(d: Any) -> KVConfig:
     """Any KV config from its `to_json()` form, nested configs included (dispatching on `type`)."""
+    from memopt.jsonconfig import config_from_json
+
     kind = d.get("type") if isinstance(d, dict) else None
     if kind not in _REGISTRY:
         raise ValueError(f"unknown KV config type {kind!r}; accepted: {sorted(_REGISTRY)}")
-    if d.get("version") != KV_CONFIG_VERSION:
-        raise ValueError(f"{kind} config version {d.get('version')!r} is not supported "
-                         f"(this memopt reads version {KV_CONFIG_VERSION})")
-    cls = _REGISTRY[kind]
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(d) - names - {"type", "version"})
-    if unknown:
-        raise ValueError(f"unknown {kind} config fields {unknown}; accepted: {sorted(names)}")
-    return cls(**{k: _decode(v) for k, v in d.items() if k in names})
+    decoded = {k: v if k in ("type", "version") else _decode(v) for k, v in d.items()}
+    return config_from_json(_REGISTRY[kind], decoded, kind, KV_CONFIG_VERSION)
 
 
 def _encode(value: Any) -> Any:

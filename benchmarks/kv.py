@@ -83,6 +83,12 @@ def smollm2_policies(duo) -> dict[str, KVCachePolicy]:
         "KIVI K4V2 g32 r128 +4 sinks": KVCachePolicy(quant=KIVIConfig(4, 2, 32, 128, sinks=4)),
         "KIVI K2V2 g32 r128": KVCachePolicy(quant=KIVIConfig(2, 2, 32, 128)),
         "KIVI K2V2 g16 r128 +4 sinks": KVCachePolicy(quant=KIVIConfig(2, 2, 16, 128, sinks=4)),
+        "KIVI K4V4 g32 r128 +4 sinks, pre-RoPE keys": KVCachePolicy(quant=KIVIConfig(4, 4, 32, 128, sinks=4,
+                                                                                  pre_rope=True)),
+        "KIVI K2V2 g32 r128 +4 sinks, pre-RoPE + Hadamard": KVCachePolicy(quant=KIVIConfig(
+            2, 2, 32, 128, sinks=4, pre_rope=True, hadamard=True)),
+        "KIVI K2V2 g16 r128 +4 sinks, pre-RoPE + Hadamard": KVCachePolicy(quant=KIVIConfig(
+            2, 2, 16, 128, sinks=4, pre_rope=True, hadamard=True)),
         "KIVI K4V4 g32 + ThinK 0.5": KVCachePolicy(quant=KIVIConfig(4, 4, 32, 128), channels=ThinKConfig(0.5)),
         "StreamingLLM 4+252": KVCachePolicy(eviction=StreamingConfig(4, 252)),
         "StreamingLLM 4+508, KIVI K4V4": KVCachePolicy(eviction=StreamingConfig(4, 508), quant=KIVIConfig(4, 4, 32, 128)),
@@ -204,11 +210,13 @@ def smollm2_table(src, args, duo) -> str:
     fp16 = fp16_cache_bytes(1, context, **shape)
     rows = []
     for name, policy in smollm2_policies(duo).items():
+        if args.only and name not in args.only:
+            continue
         r = run_memopt(src, captured, policy, ids, full_logits, context, args.samples, q_len, tf_start)
         rows.append([name, "memopt", f"{r['cache bytes'] / 2**20:.2f}", f"{r['cache bytes'] / fp16:.3f}",
                      f"{r['pass key']:.2f}", f"{r['top-1']:.4f}", f"{r['ppl']:.3f}", f"{r['ms/token']:.1f}"])
         print(rows[-1], flush=True)
-    if not args.skip_peers:
+    if not args.skip_peers and not args.only:
         for nbits in (4, 2):
             r = run_hf_quanto(src, nbits, ids, full_logits, context, args.samples, q_len, tf_start)
             rows.append([f"transformers QuantizedCache quanto {nbits}-bit g64 r128", "transformers + optimum-quanto",
@@ -223,11 +231,12 @@ def smollm2_table(src, args, duo) -> str:
 def smollm2_long_table(src, args, duo) -> str:
     context, q_len = args.context2, question_tokens(src.tokenizer)
     captured = capture(src, phase="decode", cache_len=context)
-    keep = ("fp16 (full cache)", "KIVI K4V2 g32 r128 +4 sinks", "KIVI K2V2 g32 r128", "StreamingLLM 4+252",
+    keep = ("fp16 (full cache)", "KIVI K4V2 g32 r128 +4 sinks", "KIVI K2V2 g32 r128",
+            "KIVI K2V2 g32 r128 +4 sinks, pre-RoPE + Hadamard", "StreamingLLM 4+252",
             "H2O 256 (recent 64)", "SnapKV 256 (window 32)", "DuoAttention 25% retrieval, rest 4+60")
     rows = []
     for name, policy in smollm2_policies(duo).items():
-        if name in keep:
+        if name in keep and (not args.only or name in args.only):
             r = run_memopt(src, captured, policy, None, None, context, args.samples, q_len, 0)
             fp16 = fp16_cache_bytes(1, context, 30, 3, 64)
             rows.append([name, f"{r['cache bytes'] / 2**20:.2f}", f"{r['cache bytes'] / fp16:.3f}", f"{r['pass key']:.2f}"])
@@ -287,10 +296,18 @@ def main(argv=None) -> None:
     parser.add_argument("--skip-peers", action="store_true")
     parser.add_argument("--skip-long", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--only", nargs="*", default=[], help="SmolLM2 policy names to run (rows printed, kv.md "
+                        "not written)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     src = resolve_source("smollm2")
+    if args.only:
+        duo = KVCachePolicy()  # placeholder: DuoAttention is not re-run with --only
+        print(smollm2_table(src, args, duo))
+        if args.context2:
+            print(smollm2_long_table(src, args, duo))
+        return
     t = time.perf_counter()
     scores = retrieval_head_scores(src.model, src.tokenizer, n_samples=4, context_tokens=512)
     duo = duo_attention_policy(scores, retrieval_fraction=0.25, streaming=KVCachePolicy(eviction=StreamingConfig(4, 60)))

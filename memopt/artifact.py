@@ -55,7 +55,10 @@ def _strip(v: torch.Tensor) -> torch.Tensor:
 def _save_program(ep, path: Path, weights: dict[str, torch.Tensor], prefix: str) -> None:
     """torch.export.save with the state dict replaced by meta tensors; the real tensors go to `weights`
     (shared by name across programs when equal, else kept under `prefix`)."""
+    from memopt.runtime.quant_ops import canonicalize_int4_
+
     real = dict(ep.state_dict)
+    canonicalize_int4_([*real.values(), *ep.constants.values()])  # store the layout every device reads
     for name, t in real.items():
         key = name
         if key in weights and not (weights[key].shape == t.shape and weights[key].dtype == t.dtype

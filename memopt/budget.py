@@ -4,8 +4,10 @@
     print(format_budget_table(plan))
 
 Per layer the planner picks a weight format (bf16, int8, int4:g64, lossless), a placement (device, or
-host: streamed one block ahead into one of two prefetch buffers) and KV-cache bits (16, 8, 4, 2; KIVI),
-so that weights on device + KV cache + activation arena + prefetch buffers <= budget - reserve.
+host: streamed one block ahead into one of two prefetch buffers) and KV-cache bits (16, 8, 4, 2; KIVI)
+and, with `kv_host`, the KV cache's placement (device, or host at 16 bits: streamed one layer ahead into
+one of two staging buffers; passes/kv_offload.py), so that weights on device + KV cache on device +
+activation arena + prefetch and staging buffers <= budget - reserve.
 Objective "latency": predicted decode seconds per step + lam * quality penalty; "quality": the least
 penalty, then the least latency. Works from a config alone (presets are never instantiated).
 
@@ -63,6 +65,7 @@ class BudgetConfig:
     kv_group_size: int = 32
     kv_residual: int = 128
     time_limit_s: float = 3.0
+    kv_host: bool = False  # offer host-resident 16-bit KV caches (needs a host link)
 
     def __post_init__(self):
         object.__setattr__(self, "formats", tuple(self.formats))
@@ -89,8 +92,9 @@ class BudgetConfig:
         bad = [b for b in self.kv_bits if b not in KV_BITS]
         if bad or not self.kv_bits:
             raise ValueError(f"kv_bits must be a non-empty subset of {KV_BITS}, got {self.kv_bits!r}")
-        if not isinstance(self.allow_host, bool):
-            raise ValueError(f"allow_host must be True or False, got {self.allow_host!r}")
+        for key in ("allow_host", "kv_host"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
         if not isinstance(self.kv_residual, int) or self.kv_residual < 0:
             raise ValueError(f"kv_residual must be an int >= 0, got {self.kv_residual!r}")
         if not self.time_limit_s > 0:
@@ -148,7 +152,8 @@ class BudgetPlan:
     def to_plan(self) -> Plan:
         """The decisions as a `Plan` for the passes (weight_format "native" for bf16, kv_policy "kivi:<bits>")."""
         decisions = tuple(LayerDecision(d.name, "native" if d.format == "bf16" else d.format, d.placement,
-                                        "full" if d.kv_bits in (None, 16) else f"kivi:{d.kv_bits}", d.bytes)
+                                        "full" if d.kv_bits in (None, 16) else f"kivi:{d.kv_bits}", d.bytes,
+                                        d.kv_placement)
                           for d in self.decisions)
         keys = ("predicted_peak_bytes", "predicted_prefill_s", "predicted_decode_s_per_token", "quality_loss", "fits")
         j = self.to_json()
@@ -273,7 +278,9 @@ def _resolved(config: BudgetConfig, shape: ModelShape, target: Target) -> Budget
 def _layer_options(shape: ModelShape, layer: LayerWeights, target: Target, config: BudgetConfig, share: float,
                    sens: dict) -> LayerOptions:
     """Weight options (format x placement) and KV options (bits) of one layer, priced by the cost model.
-    Decoders: one decode step at context = seq. Encoders: one forward pass, attention included."""
+    Decoders: one decode step at context = seq. Encoders: one forward pass, attention included.
+    With `config.kv_host` a block's 16-bit cache may also live on the host: no device bytes, a staging
+    buffer of one layer's cache, and the cache's host-link time per step."""
     batch, seq, policy = config.batch, config.seq, KVPolicy(config.kv_group_size, config.kv_residual)
     tokens = 1 if shape.decoder else seq
     extra = cost.attention_time_s(shape, target, batch, seq, 0) if not shape.decoder and layer.kind == "block" else 0.0
@@ -290,6 +297,10 @@ def _layer_options(shape: ModelShape, layer: LayerWeights, target: Target, confi
         kv = tuple(KVOption(b, cost.kv_layer_bytes(shape, batch, seq, b, policy),
                             cost.kv_decode_time_s(shape, target, batch, seq, b, policy),
                             sens.get(layer.name, {}).get(b, KV_PENALTY[b] / shape.layers)) for b in config.kv_bits)
+        if config.kv_host and target.host_link > 0 and 16 in config.kv_bits:  # the offload pass streams 16 bits
+            full = kv[config.kv_bits.index(16)]
+            kv += (KVOption(16, 0, full.compute_s, full.penalty, "host", full.bytes,
+                            cost.kv_transfer_time_s(shape, target, batch, seq, 16, policy)),)
     return LayerOptions(layer.name, tuple(weights), kv)
 
 
@@ -318,10 +329,11 @@ def plan_budget(source_or_spec, *, target: str | Target = "h100-80gb", budget_by
                 reserve_bytes: int | str | None = None, sensitivity: dict | None = None,
                 arena_bytes: int | str | None = None, formats: tuple[str, ...] = FORMATS,
                 kv_bits: tuple[int, ...] = KV_BITS, allow_host: bool = True, prefill_chunk: int = 2048,
-                time_limit_s: float = 3.0, strict: bool = True) -> BudgetPlan:
+                time_limit_s: float = 3.0, strict: bool = True, kv_host: bool = False) -> BudgetPlan:
     """Choose per layer a weight format, placement and KV bits so that `source_or_spec` (a preset, HF
     directory, GGUF file, ModelSource, transformers config or ModelShape) at (batch, seq) fits
-    `budget_bytes` (default: the target's memory) minus `reserve_bytes` on `target`.
+    `budget_bytes` (default: the target's memory) minus `reserve_bytes` on `target`. `kv_host`: a block's
+    KV cache may also be kept on the host and streamed one layer ahead (decision.kv_placement "host").
 
     Raises `BudgetInfeasible` (a ValueError; one line naming the smallest achievable plan, the budget and
     what dominates) when nothing fits; with `strict=False` returns that smallest plan with `fits=False`.
@@ -332,12 +344,13 @@ def plan_budget(source_or_spec, *, target: str | Target = "h100-80gb", budget_by
     parse = lambda v, what: None if v is None else parse_bytes(v, what=what)  # noqa: E731
     config = _resolved(BudgetConfig(parse(budget_bytes, "budget"), batch, seq, objective, max_quality_loss, lam,
                                     parse(reserve_bytes, "reserve"), parse(arena_bytes, "arena"), formats, kv_bits,
-                                    allow_host, prefill_chunk, time_limit_s=time_limit_s), shape, tgt)
+                                    allow_host, prefill_chunk, time_limit_s=time_limit_s, kv_host=kv_host),
+                      shape, tgt)
     notes = []
     if shape.max_positions and config.seq > shape.max_positions:
         notes.append(f"seq {config.seq} exceeds {shape.name}'s max_position_embeddings {shape.max_positions}: "
                      "planned anyway (memory and time scale as shown), but the model needs RoPE scaling to use it")
-    if allow_host and not tgt.host_link > 0:
+    if (allow_host or kv_host) and not tgt.host_link > 0:
         notes.append(f"{tgt.name} has no host link: host placement disabled")
     if not shape.decoder:
         notes.append("encoder: latency is one forward pass at (batch, seq); there is no KV cache")
@@ -349,7 +362,7 @@ def plan_budget(source_or_spec, *, target: str | Target = "h100-80gb", budget_by
             raise
         result = err.smallest
         notes.append(f"does not fit: {err}")
-    choices = [cost.Choice(d.format, d.placement, d.kv_bits or 16) for d in result.decisions]
+    choices = [cost.Choice(d.format, d.placement, d.kv_bits or 16, d.kv_placement) for d in result.decisions]
     prefill = cost.prefill_s(shape, cost.layer_weights(shape), choices, tgt, batch, config.seq,
                              prefill_chunk=prefill_chunk, policy=KVPolicy(config.kv_group_size, config.kv_residual))
     decode = result.predicted_decode_s_per_token if shape.decoder else None
@@ -364,7 +377,7 @@ def _runs(decisions) -> list[tuple[str, BudgetDecision, int]]:
     """Consecutive layers with the same decision, as (label, decision, count)."""
     runs: list[list] = []
     for d in decisions:
-        key = (d.format, d.placement, d.kv_bits, d.bytes, d.stream_bytes)
+        key = (d.format, d.placement, d.kv_bits, d.kv_placement, d.bytes, d.stream_bytes)
         head, _, idx = d.name.rpartition(".")
         if runs and runs[-1][3] == key and idx.isdigit() and runs[-1][4] == head:
             runs[-1][2] += 1
@@ -375,21 +388,24 @@ def _runs(decisions) -> list[tuple[str, BudgetDecision, int]]:
 
 
 def format_budget_table(plan: BudgetPlan, *, group: bool = True) -> str:
-    """Per layer (consecutive identical layers on one line when `group`): format, placement, KV bits,
-    device bytes; then the predicted peak against the budget, prefill time and decode speed."""
+    """Per layer (consecutive identical layers on one line when `group`): format, placement, KV bits and
+    KV placement, device bytes; then the predicted peak against the budget, prefill time and decode speed."""
     d = plan.to_json()
     lines = [f"model    {plan.model}, batch {plan.batch}, seq {plan.seq}, objective {plan.config.objective}",
              f"target   {plan.target}: budget {fmt_bytes(plan.budget_bytes)}, reserve {fmt_bytes(plan.reserve_bytes)}",
-             "", f"  {'layer':<34}{'format':<10}{'place':<8}{'KV bits':>8}{'device bytes':>14}{'layers':>8}"]
+             "", f"  {'layer':<34}{'format':<10}{'place':<8}{'KV bits':>8}{'KV at':>7}{'device bytes':>14}"
+                 f"{'layers':>8}"]
     rows = _runs(plan.decisions) if group else [(x.name, x, 1) for x in plan.decisions]
     for label, x, n in rows:
-        kv = "-" if x.kv_bits is None else str(x.kv_bits)
-        lines.append(f"  {label[:33]:<34}{x.format:<10}{x.placement:<8}{kv:>8}{fmt_bytes(x.bytes):>14}{n:>8}")
+        kv, at = ("-", "-") if x.kv_bits is None else (str(x.kv_bits), x.kv_placement)
+        lines.append(f"  {label[:33]:<34}{x.format:<10}{x.placement:<8}{kv:>8}{at:>7}{fmt_bytes(x.bytes):>14}{n:>8}")
     b = plan.breakdown
     lines += ["", f"  {'weights on device':<34}{fmt_bytes(b['weights_bytes']):>14}",
               f"  {'KV cache':<34}{fmt_bytes(b['kv_bytes']):>14}",
               f"  {'activation arena':<34}{fmt_bytes(b['fixed_bytes']):>14}",
               f"  {'prefetch buffers':<34}{fmt_bytes(b['prefetch_bytes']):>14}",
+              *([f"  {'KV staging buffers (host KV)':<34}{fmt_bytes(b['kv_staging_bytes']):>14}"]
+                if b.get("kv_staging_bytes") else []),
               f"  {'predicted peak':<34}{fmt_bytes(plan.predicted_peak_bytes):>14}   of "
               f"{fmt_bytes(plan.budget_bytes - plan.reserve_bytes)} usable "
               f"({'fits' if plan.fits else 'does NOT fit'})", ""]

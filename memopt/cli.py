@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-only", action="store_true",
                    help="plan without weights (presets, config dirs, GGUF headers): print the plan, write plan.json")
     p.add_argument("--passes", default="arena", help="comma-separated passes, in order (default: arena)")
-    p.add_argument("--quantize", default=None, metavar="FORMAT", help="weight format: int8, int4[:gN], lossless")
+    p.add_argument("--quantize", default=None, metavar="FORMAT", help="weight format: int8, int8:dyn, int4[:gN][:gptq][:oF] (F: fraction of 16-bit outlier input channels), lossless")
     p.add_argument("--quantize-skip", action="append", default=[], metavar="PATTERN",
                    help="layer name or glob to keep unquantized (repeatable)")
     p.add_argument("--solver", default="cbc", choices=("cbc", "highs", "greedy"), help="arena solver (default cbc)")
@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reorder operators for a lower activation peak when the schedule solver finds one")
     p.add_argument("--offload", action="append", default=[], metavar="BLOCK",
                    help="keep this block's weights on host memory, prefetched one block ahead (repeatable; globs ok)")
+    p.add_argument("--offload-kv", action="append", default=[], metavar="LAYER",
+                   type=lambda s: int(s) if s.isdigit() else s,
+                   help="decoders: keep this layer's KV cache on host memory, streamed one layer ahead "
+                        "(index or pattern; repeatable)")
+    p.add_argument("--kv-host", action="store_true",
+                   help="with --budget: let the plan put 16-bit KV caches on host memory")
     p.add_argument("--max-cache", type=int, default=None, metavar="TOKENS",
                    help="decoders: KV-cache capacity of the generation program (default min(2048, context))")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx for ONNX Runtime")
@@ -101,7 +107,7 @@ def cmd_plan_only(args: argparse.Namespace) -> int:
     from memopt.budget import format_budget_table, plan_budget
 
     plan = plan_budget(args.model, target=args.target, budget_bytes=args.budget, batch=args.batch, seq=args.seq,
-                       objective=args.objective, max_quality_loss=args.max_quality_loss)
+                       objective=args.objective, max_quality_loss=args.max_quality_loss, kv_host=args.kv_host)
     if args.output:
         save(SimpleNamespace(plan=plan.to_plan(), tokenizer=None), args.output)
     if args.json:
@@ -126,7 +132,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            quantize=args.quantize, quantize_skip=args.quantize_skip, arena_solver=args.solver,
                            time_limit_s=args.time_limit, max_cache=args.max_cache, dtype=args.dtype,
                            budget=args.budget, objective=args.objective, max_quality_loss=args.max_quality_loss,
-                           offload=args.offload, reorder=args.reorder, kv=args.kv, verbose=not args.json)
+                           offload=args.offload, reorder=args.reorder, kv=args.kv, offload_kv=args.offload_kv,
+                           kv_host=args.kv_host, verbose=not args.json)
     out = save(result.module, args.output, programs=result.programs, onnx=args.onnx, report=result)
     plan = result.plan
     summary = {"output": str(out), "model": plan.model, "target": plan.target, "passes": list(plan.passes),

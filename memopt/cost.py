@@ -3,7 +3,10 @@
 After the theoretical peak analysis of long-context serving: every op takes
 `max(bytes moved / target.bandwidth, flops / target.flops_for(dtype))`; a layer whose weights live on
 the host is streamed over the host link one block ahead of use, so its time is
-`max(compute, bytes / target.host_link)` (transfer overlaps the previous block's compute).
+`max(compute, bytes / target.host_link)` (transfer overlaps the previous block's compute). A KV cache on
+the host (FlexGen, Sheng et al. 2023; ShadowKV, Sun et al. 2024) is streamed in one layer ahead the same
+way, over the same link: `max(compute, (weight bytes + cache bytes) / target.host_link)`; the step's new
+rows go back the other way (the link is per direction) and are not charged.
 
 Inputs are plain data: a `ModelShape` (read from a transformers config by `model_shape`) and the
 per-layer weights (`layer_weights(shape)`: each layer's matrices, hence its bytes in every format).
@@ -350,6 +353,13 @@ def kv_decode_time_s(shape: ModelShape, target: Target, batch: int, context: int
     return attention_time_s(shape, target, batch, 1, max(context - 1, 0), bits, policy)
 
 
+def kv_transfer_time_s(shape: ModelShape, target: Target, batch: int, context: int, bits: int = 16,
+                       policy: KVPolicy = KVPolicy()) -> float:
+    """Host link time of one layer's host-resident cache per step: the cache (its staging size) goes to
+    the device; the new rows come back on the other direction, concurrently, and are not charged."""
+    return transfer_time_s(kv_layer_bytes(shape, batch, context, bits, policy), target)
+
+
 # ---------------------------------------------------------------- activations and whole-model predictions
 def arena_bytes(shape: ModelShape, batch: int, seq: int, *, prefill_chunk: int = 2048) -> int:
     """Activation arena of a chunked prefill (decoders: `prefill_chunk` tokens at a time, flash attention,
@@ -365,11 +375,13 @@ def arena_bytes(shape: ModelShape, batch: int, seq: int, *, prefill_chunk: int =
 
 
 class Choice(NamedTuple):
-    """One layer's decision: weight format, placement ("device" | "host"), KV bits (ignored off blocks)."""
+    """One layer's decision: weight format, placement ("device" | "host"), KV bits and KV placement
+    (both ignored off blocks)."""
 
     format: str = "bf16"
     placement: str = "device"
     kv_bits: int = 16
+    kv_placement: str = "device"
 
 
 @dataclass(frozen=True)
@@ -382,34 +394,42 @@ class Prediction:
     prefill_s: float
     decode_s_per_token: float | None  # seconds per decode step (batch tokens); None for encoders
     tokens_per_s: float | None
+    kv_staging_bytes: int = 0  # device buffers a host-resident KV cache is streamed into
 
 
 def layer_decode_s(shape: ModelShape, layer: LayerWeights, choice: Choice, target: Target, batch: int,
                    context: int, policy: KVPolicy = KVPolicy()) -> float:
-    """One layer in one decode step; a host layer overlaps its transfer with compute."""
+    """One layer in one decode step; a host layer (or host KV cache) overlaps its transfer with compute."""
     compute = weights_time_s(shape, layer, choice.format, target, batch)
+    transfer = 0.0
     if layer.kind == "block":
         compute += kv_decode_time_s(shape, target, batch, context, choice.kv_bits, policy)
+        if choice.kv_placement == "host":
+            transfer += kv_transfer_time_s(shape, target, batch, context, choice.kv_bits, policy)
     if choice.placement == "host":
-        return max(compute, transfer_time_s(stream_bytes(shape, layer, choice.format, batch), target))
-    return compute
+        transfer += transfer_time_s(stream_bytes(shape, layer, choice.format, batch), target)
+    return max(compute, transfer)
 
 
 def prefill_s(shape: ModelShape, layers: Sequence[LayerWeights], choices: Sequence[Choice], target: Target,
               batch: int, seq: int, *, prefill_chunk: int = 2048, policy: KVPolicy = KVPolicy()) -> float:
     """Chunked prefill of `seq` tokens (decoders; encoders: one forward): per chunk and layer,
-    max(compute, transfer) for host layers, which are streamed again for every chunk."""
+    max(compute, transfer) for host layers, which are streamed again for every chunk (a host KV cache:
+    the tokens cached before the chunk)."""
     chunk = min(seq, prefill_chunk) if shape.decoder else seq
     total = 0.0
     for start in range(0, seq, chunk):
         n, last = min(chunk, seq - start), start + chunk >= seq
         for layer, c in zip(layers, choices):
             t = weights_time_s(shape, layer, c.format, target, batch, n, head=last)
+            transfer = 0.0
             if layer.kind == "block":
                 t += attention_time_s(shape, target, batch, n, start, c.kv_bits, policy)
+                if c.kv_placement == "host" and start:
+                    transfer += kv_transfer_time_s(shape, target, batch, start, c.kv_bits, policy)
             if c.placement == "host":
-                t = max(t, transfer_time_s(stream_bytes(shape, layer, c.format, batch, n, head=last), target))
-            total += t
+                transfer += transfer_time_s(stream_bytes(shape, layer, c.format, batch, n, head=last), target)
+            total += max(t, transfer)
     return total
 
 
@@ -421,7 +441,10 @@ def predict(shape: ModelShape, layers: Sequence[LayerWeights], choices: Sequence
     if len(layers) != len(choices):
         raise ValueError(f"predict needs one choice per layer: {len(layers)} layers, {len(choices)} choices")
     dev = sum(l.bytes(c.format) for l, c in zip(layers, choices) if c.placement == "device")
-    kv = sum(kv_layer_bytes(shape, batch, seq, c.kv_bits, policy) for l, c in zip(layers, choices) if l.kind == "block")
+    blocks = [c for l, c in zip(layers, choices) if l.kind == "block"]
+    kv = sum(kv_layer_bytes(shape, batch, seq, c.kv_bits, policy) for c in blocks if c.kv_placement != "host")
+    staging = prefetch_buffers * max((kv_layer_bytes(shape, batch, seq, c.kv_bits, policy) for c in blocks
+                                      if c.kv_placement == "host"), default=0)
     stream = max((stream_bytes(shape, l, c.format, batch) for l, c in zip(layers, choices) if c.placement == "host"),
                  default=0)
     act = arena_bytes(shape, batch, seq, prefill_chunk=prefill_chunk) if arena is None else arena
@@ -430,11 +453,12 @@ def predict(shape: ModelShape, layers: Sequence[LayerWeights], choices: Sequence
     if shape.decoder:
         decode = sum(layer_decode_s(shape, l, c, target, batch, seq, policy) for l, c in zip(layers, choices))
         tokens = batch / decode if decode > 0 else math.inf
-    peak = dev + kv + act + prefetch_buffers * stream
-    return Prediction(peak, dev, kv, act, prefetch_buffers * stream, pre, decode, tokens)
+    peak = dev + kv + act + prefetch_buffers * stream + staging
+    return Prediction(peak, dev, kv, act, prefetch_buffers * stream, pre, decode, tokens, staging)
 
 
 __all__ = ["FORMATS", "KV_BITS", "DECODE_OVERHEAD", "KV_OVERHEAD", "ModelShape", "model_shape", "matrix_bytes",
            "bytes_per_param", "LayerWeights", "layer_weights", "KVPolicy", "kv_layer_bytes", "kv_bytes", "op_time_s",
-           "weights_time_s", "stream_bytes", "transfer_time_s", "attention_time_s", "kv_decode_time_s", "arena_bytes",
+           "weights_time_s", "stream_bytes", "transfer_time_s", "attention_time_s", "kv_decode_time_s",
+           "kv_transfer_time_s", "arena_bytes",
            "Choice", "Prediction", "layer_decode_s", "prefill_s", "predict"]

@@ -96,7 +96,10 @@ def _translations() -> dict:
 
 def export_onnx(exported, path: str | Path) -> Path:
     """Write `exported` (an ExportedProgram, memopt ops allowed) as ONNX to `path`."""
+    from memopt.runtime.quant_ops import canonicalize_int4_
+
     path = Path(path)
+    canonicalize_int4_([*exported.state_dict.values(), *exported.constants.values()])  # MatMulNBits' layout
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(exported, (), dynamo=True, custom_translation_table=_translations(),

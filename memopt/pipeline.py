@@ -123,24 +123,36 @@ def _recapture(gm: torch.fx.GraphModule, captured: Captured) -> Captured:
 
 
 def _weight_passes(captured: Captured, quantize: str | None, skip: Sequence[str], say,
-                   decisions: dict | None = None) -> tuple[Captured, list[str], dict]:
-    """Quantize with one format (`quantize`) or per layer (`decisions`: block name -> format)."""
+                   decisions: dict | None = None, reuse: torch.fx.GraphModule | None = None
+                   ) -> tuple[Captured, list[str], dict, torch.fx.GraphModule]:
+    """Quantize with one format (`quantize`) or per layer (`decisions`: block name -> format). `reuse`: a
+    program already quantized from the same weights, whose tensors are taken instead of quantizing again."""
     from memopt.passes.quantize import QuantizePass, parse_quantize_spec, weight_sites
 
     gm = captured.module()
     calib = [captured.example_inputs] if not captured.example_kwargs else None
+    if calib is None and reuse is None and _needs_calibration(quantize):
+        raise ValueError(f"--quantize {quantize} calibrates on example inputs, which the {captured.phase} program "
+                         "does not take; compile the forward program with it first")
     if decisions is None:
         config, plan = parse_quantize_spec(quantize), None
         say(f"quantizing weights ({quantize}) of the {captured.phase} program")
     else:
         config = None
         sites, _ = weight_sites(gm)
-        per_layer = {s.layer: _format_for(s.layer, decisions) for s in sites}
+        names = _tied_names(gm)
+        per_layer = {s.layer: _format_for_any([s.layer, *names.get(s.target, ())], decisions) for s in sites}
         plan = Plan(decisions=tuple(LayerDecision(name, weight_format=fmt) for name, fmt in per_layer.items()))
         say(f"quantizing weights per the budget plan ({len(per_layer)} weights) of the {captured.phase} program")
-    result = QuantizePass(config, skip=tuple(skip), calibration_inputs=calib)(gm, plan)
+    result = QuantizePass(config, skip=tuple(skip), calibration_inputs=calib, reuse=reuse)(gm, plan)
     record = dict(result.gm.meta.get("memopt_weights", {}))
-    return _recapture(result.gm, captured), result.notes, record
+    return _recapture(result.gm, captured), result.notes, record, result.gm
+
+
+def _needs_calibration(spec: str | None) -> bool:
+    from memopt.passes.quantize import parse_quantize_spec
+
+    return bool(spec) and bool(getattr(parse_quantize_spec(spec), "needs_calibration", False))
 
 
 def _reorder(captured: Captured, analysis: Analysis, time_limit_s: float, say) -> tuple[Captured, Analysis, list[str]]:
@@ -188,11 +200,32 @@ def _apply(captured: Captured, pass_obj, plan) -> tuple[Captured, list[str]]:
     return (_recapture(result.gm, captured) if result.modified else captured), result.notes
 
 
-def _format_for(layer: str, decisions: dict) -> str:
+def _tied_names(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
+    """Weight FQN -> the layers of every other name bound to the same tensor (a tied LM head reads the
+    embedding table under the head's name)."""
+    by_ptr: dict[int, list[str]] = {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if t.numel():
+            by_ptr.setdefault(t.untyped_storage().data_ptr(), []).append(name)
+    return {n: [m.rsplit(".", 1)[0] for m in group if m != n] for group in by_ptr.values() for n in group}
+
+
+def _format_for_any(layers: list[str], decisions: dict) -> str:
+    """The first layer name the budget plan decided on (a weight may be known under tied names)."""
+    for layer in layers:
+        fmt = _format_for(layer, decisions, default=None)
+        if fmt is not None:
+            return fmt
+    return "native"
+
+
+def _format_for(layer: str, decisions: dict, default: str | None = "native") -> str | None:
     """The budget plan's format for a weight: the longest decision name that is a dotted part of it."""
     dotted = f".{layer}."
     best = max((name for name in decisions if f".{name}." in dotted), key=len, default=None)
-    fmt = decisions.get(best, "native") if best else "native"
+    if best is None:
+        return default
+    fmt = decisions[best]
     return "native" if fmt in ("bf16", "fp16", "native") else fmt
 
 
@@ -202,7 +235,7 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
                   time_limit_s: float = 10.0, outputs_in_arena: bool = False, max_cache: int | None = None,
                   generation: bool = True, budget: str | int | None = None, objective: str = "latency",
                   max_quality_loss: float | None = None, offload: Sequence[str] = (), reorder: bool = False,
-                  kv: str | None = None, dtype=None,
+                  kv: str | None = None, offload_kv: Sequence[int | str] = (), kv_host: bool = False, dtype=None,
                   verbose: bool = False) -> CompileResult:
     """Capture `model`, run `passes` in order and return the emitted module with its plan.
     `max_cache`: KV-cache capacity (tokens) of a decoder's generation program (default: min(2048,
@@ -259,8 +292,10 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
 
         say(f"planning formats for a budget of {budget} on {tgt.name}")
         budget_plan = plan_budget(src, target=tgt, budget_bytes=budget, batch=captured.batch,
-                                  seq=captured.seq or None, objective=objective, max_quality_loss=max_quality_loss)
-        formats = {d["name"]: d["format"] for d in budget_plan.to_json()["decisions"]}
+                                  seq=captured.seq or None, objective=objective, max_quality_loss=max_quality_loss,
+                                  kv_host=kv_host)
+        # a tied embedding is labelled "model.embed_tokens (tied lm_head)": the module name is the first word
+        formats = {d["name"].split(" (")[0]: d["format"] for d in budget_plan.to_json()["decisions"]}
         if any(f not in ("bf16", "native") for f in formats.values()) and "quantize" not in passes:
             passes.insert(0, "quantize")
         plan = plan.with_(passes=tuple(passes))
@@ -268,10 +303,12 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
             passes.insert(passes.index("arena") if "arena" in passes else len(passes), "offload")
             plan = plan.with_(passes=tuple(passes))
     if "quantize" in passes:
-        captured, qnotes, weights_record = _weight_passes(captured, quantize, quantize_skip, say, formats)
+        captured, qnotes, weights_record, quantized = _weight_passes(captured, quantize, quantize_skip, say, formats)
         notes += qnotes
-        if gen is not None:
-            gen, _, _ = _weight_passes(gen, quantize, quantize_skip, say, formats)
+        if gen is not None:  # takes the forward program's quantized tensors: quantized once, held once
+            gen, _, _, _ = _weight_passes(gen, quantize, quantize_skip, say, formats, reuse=quantized)
+            shared = _share_state(captured, gen)
+            say(f"generation program shares {shared} weight tensors with the {captured.phase} program")
         plan = plan.with_(pass_configs={**plan.pass_configs, "quantize": quantize or "budget plan"},
                           decisions=tuple(LayerDecision(name, weight_format=r["format"], bytes=r["bytes"])
                                           for name, r in weights_record.items()))
@@ -288,6 +325,19 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
         if gen is not None:
             gen, _ = _apply(gen, OffloadPass(config), host_plan)
         plan = plan.with_(pass_configs={**plan.pass_configs, "offload": config.to_json() if config else "budget plan"})
+    kv_host_plan = budget_plan is not None and any(d.kv_placement == "host" for d in budget_plan.decisions)
+    if offload_kv and gen is None:
+        raise ValueError("offload_kv needs a decoder LM's generation program; this model has none")
+    if gen is not None and (offload_kv or kv_host_plan):
+        from memopt.passes.kv_offload import KVOffloadConfig, KVOffloadPass
+
+        # before KV compression: compression then leaves the offloaded (16-bit, host) layers alone
+        kv_config = KVOffloadConfig(layers=tuple(offload_kv)) if offload_kv else None
+        say("offloading KV caches to host memory")
+        gen, kvo_notes = _apply(gen, KVOffloadPass(kv_config), budget_plan.to_plan() if kv_host_plan else None)
+        notes += kvo_notes
+        plan = plan.with_(pass_configs={**plan.pass_configs,
+                                        "kv_offload": kv_config.to_json() if kv_config else "budget plan"})
     kv_meta = None
     if gen is not None and (kv or budget_plan is not None):
         gen, kv_meta, knotes = _compress_kv(gen, kv, budget_plan.to_plan() if budget_plan and not kv else None)
@@ -347,6 +397,54 @@ def _to_bf16(src: ModelSource) -> ModelSource:
                        for a in inputs)
     return ModelSource(src.name, model, src.family, src.config, src.on_meta, src.tokenizer, src.pooled, inputs,
                        src.weights_bytes_override, list(src.notes))
+
+
+def _state_tensors(captured: Captured) -> dict[str, torch.Tensor]:
+    """The program's weights: tensors named after a module's weight or bias (`...weight`, `...weight_q`,
+    `...weight_scale`, `...bias`), never state the graph updates (KV caches, their position counters,
+    offload staging slots), which must stay private to one program even while it equals another's."""
+    ep = captured.exported
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    out = {}
+    for table in (ep.state_dict, ep.constants):
+        for name, t in table.items():
+            leaf = name.rsplit(".", 1)[-1]
+            if (isinstance(t, torch.Tensor) and (leaf.startswith("weight") or leaf == "bias") and name not in mutated
+                    and not _is_kv(name) and "_memopt_offload" not in name):
+                out[name] = t
+    return out
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """Shape, dtype, device and 64 evenly spaced elements: tensors that differ almost always differ here,
+    so `torch.equal` runs on candidates only."""
+    flat = t.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // 64)][:64]
+    return tuple(t.shape), t.dtype, t.device, sample.contiguous().cpu().view(torch.uint8).numpy().tobytes() if sample.numel() else b""
+
+
+def _share_state(src: Captured, dst: Captured) -> int:
+    """Bind `dst`'s weights to `src`'s tensors wherever the two programs hold equal ones, and equal weights
+    inside `dst` to one tensor, so a decoder's forward and generation programs keep one copy of each
+    weight in memory (a budget counts it once). Returns how many of `dst`'s tensors were re-bound."""
+    pool: dict[tuple, list[torch.Tensor]] = {}
+    for t in _state_tensors(src).values():
+        pool.setdefault(_fingerprint(t), []).append(t)
+    ep, shared = dst.exported, 0
+    for name, t in _state_tensors(dst).items():
+        key = _fingerprint(t)
+        same = next((u for u in pool.get(key, ()) if u is t or torch.equal(u, t)), None)
+        if same is None:
+            pool.setdefault(key, []).append(t)
+            continue
+        if same is not t:
+            table = ep.state_dict if name in ep.state_dict else ep.constants
+            # the very tensor object, not a view of it: runtime ops may tag a buffer (the CPU int4 kernel
+            # rewrites its layout in place and marks the tensor), and both programs must see that mark
+            table[name] = same if isinstance(same, nn.Parameter) == isinstance(t, nn.Parameter) else (
+                nn.Parameter(same.detach(), t.requires_grad) if isinstance(t, nn.Parameter) else same.detach())
+            shared += 1
+    return shared
 
 
 def _input_specs(src: ModelSource, args: tuple) -> tuple:

@@ -45,6 +45,7 @@ class LayerDecision:
     placement: str = "device"  # device | host
     kv_policy: str = "full"
     bytes: int = 0
+    kv_placement: str = "device"  # device | host (the KV cache streamed one layer ahead)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,17 @@ def _cache_len(generator) -> int:
     return 0
 
 
+def tokens_per_call(generator) -> int | None:
+    """The fixed number of tokens the generation program takes per call (a static capture: 1), or None
+    when that dimension is dynamic."""
+    for node in generator.graph.nodes:
+        if node.op == "placeholder" and "input_ids" in node.name:
+            val = node.meta.get("val")
+            if val is not None and val.dim() == 2 and isinstance(val.shape[1], int):
+                return val.shape[1]
+    return None
+
+
 @torch.no_grad()
 def generate(generator, input_ids: torch.Tensor, max_new_tokens: int = 32, *, eos_token_id=None,
              prefill_chunk: int = 512) -> torch.Tensor:
@@ -28,6 +39,7 @@ def generate(generator, input_ids: torch.Tensor, max_new_tokens: int = 32, *, eo
     eos = set(eos_token_id if isinstance(eos_token_id, (list, tuple, set)) else
               ([eos_token_id] if eos_token_id is not None else []))
     logits = None
+    prefill_chunk = tokens_per_call(generator) or prefill_chunk
     for start in range(0, input_ids.shape[1], prefill_chunk):
         chunk = input_ids[:, start:start + prefill_chunk]
         logits = generator(input_ids=chunk, cache_position=torch.arange(start, start + chunk.shape[1]))

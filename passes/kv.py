@@ -12,13 +12,14 @@ by the analysis), and deletes the full-size buffers, so the memory really drops.
 the constructor (`KVCachePolicy`, `PerHeadKVPolicy` or `PerLayerKVPolicy`) or, when None, from the plan's
 per-layer `kv_policy` strings (`parse_kv_spec`). `gm.meta["memopt_kv"]` records the layouts for
 `memopt.generate` (prefill) and the byte accounting. Keys are cached after RoPE, so evicted caches
-need no re-rotation; the decode step's position comes from `cache_position`.
+need no re-rotation; the decode step's position comes from `cache_position`. A KIVI store of pre-RoPE keys
+(`KIVIConfig.pre_rope`) gets the model's RoPE `inv_freq` from the graph's `rotary_emb.inv_freq` buffer.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch._guards import detect_fake_mode
@@ -76,7 +77,7 @@ class KVCompressionPass(Pass):
         meta = {"policy": policy.to_json(), "context": context, "batch": batch, "kv_heads": kv_heads,
                 "head_dim": head_dim, "layers": {}}
         for site in sites:
-            layouts = policy.layer_layouts(site.layer, kv_heads, head_dim, context)
+            layouts = with_rope(gm, policy.layer_layouts(site.layer, kv_heads, head_dim, context))
             before += _tensor(gm, site.key_attr.target).nbytes + _tensor(gm, site.value_attr.target).nbytes
             names = _rewrite(gm, site, layouts, batch)
             after += sum(_tensor(gm, n).nbytes for n in names)
@@ -181,6 +182,21 @@ def _rewrite(gm, site: CacheSite, layouts: tuple[Layout, ...], batch: int) -> li
     for attr in (site.key_attr.target, site.value_attr.target):
         delattr(gm, attr)
     return names
+
+
+def with_rope(gm, layouts: tuple[Layout, ...]) -> tuple[Layout, ...]:
+    """Layouts whose keys are stored before RoPE get the model's `inv_freq` (the graph's rotary_emb buffer)."""
+    if not any(x.pre_rope for x in layouts):
+        return layouts
+    found = [b for n, b in gm.named_buffers() if n.endswith("rotary_emb.inv_freq")]
+    if not found:
+        raise ValueError("KIVIConfig.pre_rope needs the model's RoPE inv_freq, but the graph has no "
+                         "'...rotary_emb.inv_freq' buffer; set pre_rope=False")
+    inv_freq = tuple(float(x) for x in found[0].float().tolist())
+    if len(inv_freq) * 2 != layouts[0].head_dim:
+        raise ValueError(f"rotary_emb.inv_freq has {len(inv_freq)} values; pre-RoPE keys of head_dim "
+                         f"{layouts[0].head_dim} need {layouts[0].head_dim // 2} (partial rotary is not supported)")
+    return tuple(replace(x, rope_inv_freq=inv_freq) if x.pre_rope else x for x in layouts)
 
 
 def _tensor(gm, target: str) -> torch.Tensor:

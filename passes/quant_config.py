@@ -12,7 +12,8 @@ from typing import ClassVar, Union
 CONFIG_VERSION = 1
 INT4_GROUP_SIZES = (32, 64, 128)
 INT4_METHODS = ("rtn", "gptq")
-ACCEPTED_SPECS = ("int8", "int8:dyn", "int4", "int4:g32", "int4:g64", "int4:g128", "int4:g64:gptq", "lossless")
+ACCEPTED_SPECS = ("int8", "int8:dyn", "int4", "int4:g32", "int4:g64", "int4:g128", "int4:g64:gptq",
+                  "int4:g64:gptq:o0.025", "lossless")
 
 
 class _JsonConfig:
@@ -87,7 +88,8 @@ class Int4WeightConfig(_JsonConfig):
 
     @property
     def spec(self) -> str:
-        return f"int4:g{self.group_size}" + (":gptq" if self.method == "gptq" else "")
+        return (f"int4:g{self.group_size}" + (":gptq" if self.method == "gptq" else "")
+                + (f":o{self.outlier_fraction:g}" if self.outlier_fraction else ""))
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,11 @@ def config_from_json(d: dict) -> WeightConfig:
 
 
 def parse_quantize_spec(spec: str) -> WeightConfig:
-    """'int8' | 'int8:dyn' | 'int4' | 'int4:g32' | 'int4:g64' | 'int4:g128' | 'int4:g64:gptq' | 'lossless'."""
+    """'int8' | 'int8:dyn' | 'int4[:gN][:rtn|:gptq][:oF]' | 'lossless'.
+
+    `:oF` keeps the fraction F (0 < F <= 0.25) of input channels in bf16 (outliers). The most accurate
+    int4 g64 format within 0.15x fp32 bytes is 'int4:g64:gptq:o0.025' (see benchmarks/results/quantize.md).
+    """
     s = spec.strip().lower() if isinstance(spec, str) else spec
     if s == "int8":
         return Int8WeightConfig()
@@ -142,16 +148,25 @@ def parse_quantize_spec(spec: str) -> WeightConfig:
         return LosslessConfig()
     if isinstance(s, str) and s.startswith("int4"):
         parts = s.split(":")
-        group, method = 64, "rtn"
-        ok = len(parts) <= 3
+        group, method, outliers = 64, "rtn", 0.0
+        ok = parts[0] == "int4" and len(parts) <= 4
         for p in parts[1:]:
             if p.startswith("g") and p[1:].isdigit() and int(p[1:]) in INT4_GROUP_SIZES:
                 group = int(p[1:])
             elif p in INT4_METHODS:
                 method = p
+            elif p.startswith("o") and _is_fraction(p[1:]):
+                outliers = float(p[1:])
             else:
                 ok = False
         if ok:
-            return Int4WeightConfig(group_size=group, method=method)
+            return Int4WeightConfig(group_size=group, method=method, outlier_fraction=outliers)
     raise ValueError(f"unknown weight format {spec!r}; accepted: {', '.join(ACCEPTED_SPECS)} "
-                     f"(int4 takes :g32/:g64/:g128 and :rtn/:gptq)")
+                     f"(int4 takes :g32/:g64/:g128, :rtn/:gptq and :o<fraction of bf16 outlier channels>)")
+
+
+def _is_fraction(text: str) -> bool:
+    try:
+        return 0.0 < float(text) <= 0.25
+    except ValueError:
+        return False

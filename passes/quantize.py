@@ -149,19 +149,23 @@ class QuantizePass(Pass):
     and "lossless" are left alone). `calibration_inputs`: args tuples for `gm`, needed by int4 with
     `outlier_fraction > 0` or `method="gptq"`. A `LosslessConfig` (or "lossless" layers in the plan) is
     handed to `LosslessPass`, so one pass object serves every format the CLI accepts.
+    `reuse`: a module this pass already quantized from the same weights (a decoder's forward program, when
+    this is its generation program): a site it holds in the same format takes those very tensors, with no
+    second quantization or calibration, so both programs share one copy.
     """
 
     name = "quantize"
 
     def __init__(self, config: Int8WeightConfig | Int4WeightConfig | LosslessConfig | None = None,
                  include: Sequence[str] = ("*",), skip: Sequence[str] = (),
-                 calibration_inputs: Sequence[Sequence] | None = None):
+                 calibration_inputs: Sequence[Sequence] | None = None, reuse: torch.nn.Module | None = None):
         if config is not None and not isinstance(config, (Int8WeightConfig, Int4WeightConfig, LosslessConfig)):
             raise ValueError(f"config must be Int8WeightConfig, Int4WeightConfig or LosslessConfig, got {config!r}")
         if isinstance(include, str) or isinstance(skip, str):
             raise ValueError(f"include and skip take a sequence of names/patterns, got {include!r} / {skip!r}")
         self.config, self.include, self.skip = config, tuple(include), tuple(skip)
         self.calibration_inputs = calibration_inputs
+        self.reuse = reuse
 
     def _configs(self, sites: list[WeightSite], plan) -> dict[str, Any]:
         if self.config is not None:
@@ -194,13 +198,14 @@ class QuantizePass(Pass):
                 notes.append(f"kept {s.layer}: {why}")
                 continue
             todo.append((s, cfg))
-            if isinstance(cfg, Int4WeightConfig) and cfg.needs_calibration:
+            if isinstance(cfg, Int4WeightConfig) and cfg.needs_calibration and _reused(self.reuse, s, cfg) is None:
                 stats_nodes += [n.name for n in s.linears]
         stats = self._calibrate(gm, todo, stats_nodes)
         record = gm.meta.setdefault("memopt_weights", {})
         for s, cfg in todo:
             w = _getattr(gm, s.target).detach()
-            fmt = _rewrite_site(gm, s, cfg, w, _merge([stats[n.name] for n in s.linears if n.name in stats]))
+            given = _reused(self.reuse, s, cfg)
+            fmt = _rewrite_site(gm, s, cfg, w, _merge([stats[n.name] for n in s.linears if n.name in stats]), given)
             record[s.layer] = {"weight": s.target, "format": fmt, "fp_bytes": w.nbytes,
                                "bytes": _site_bytes(gm, s.target)}
             _delete_weight(gm, s)
@@ -252,11 +257,36 @@ def _site_bytes(gm, target: str) -> int:
     return sum(b.nbytes for name, b in gm.named_buffers() if name.startswith(prefix))
 
 
-def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | None) -> str:
+def _site_format(s: WeightSite, cfg) -> str:
+    """The format `_rewrite_site` records for `s` under `cfg`."""
+    if isinstance(cfg, Int8WeightConfig) or not s.linears:
+        return "int8:dyn" if isinstance(cfg, Int8WeightConfig) and cfg.dynamic_activations else "int8"
+    return cfg.spec
+
+
+def _reused(reuse, s: WeightSite, cfg) -> dict[str, torch.Tensor] | None:
+    """`reuse`'s tensors for `s` ({suffix: tensor}) when it quantized the same weight in the same format."""
+    if reuse is None:
+        return None
+    rec = reuse.meta.get("memopt_weights", {}).get(s.layer)
+    if rec is None or rec.get("weight") != s.target or rec.get("format") != _site_format(s, cfg):
+        return None
+    prefix = s.target + "_"
+    found = {name[len(prefix):]: t for name, t in reuse.named_buffers() if name.startswith(prefix)}
+    return found if {"q", "scale"} <= set(found) else None
+
+
+def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | None,
+                  given: dict[str, torch.Tensor] | None = None) -> str:
+    """Quantize `w` (or take the `given` tensors, {suffix: tensor}) and rewire the site's ops to them."""
     if isinstance(cfg, Int8WeightConfig) or not s.linears:  # int8, or an int4 config's embedding table
-        q, scales = qops.quantize_int8_rows(w)
+        if given:
+            q, scales = given["q"], given["scale"]
+        else:
+            q, scales = qops.quantize_int8_rows(w)
+            scales = scales.to(w.dtype) if s.embeddings else scales
         q_node = _set_buffer(gm, s.target + "_q", q, s.attr)
-        s_node = _set_buffer(gm, s.target + "_scale", scales.to(w.dtype) if s.embeddings else scales, q_node)
+        s_node = _set_buffer(gm, s.target + "_scale", scales, q_node)
         dyn = isinstance(cfg, Int8WeightConfig) and cfg.dynamic_activations
         for lin in s.linears:
             _replace(gm, lin, torch.ops.memopt.linear_int8.default,
@@ -265,6 +295,9 @@ def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | 
             _replace(gm, emb, torch.ops.memopt.embedding_int8.default, (q_node, s_node, emb.args[1]))
         return "int8:dyn" if dyn else "int8"
     g = cfg.group_size
+    if given:
+        return _wire_int4(gm, s, g, [given[k] for k in ("q", "scale", "zero", "outlier_idx", "outlier") if k in given],
+                          cfg.spec)
     keep = None
     if cfg.outlier_fraction > 0:
         n_keep = max(1, round(cfg.outlier_fraction * w.shape[1]))
@@ -278,18 +311,23 @@ def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | 
             w_final[:, keep] = 0.0
         packed, scales, zeros = qops.quantize_int4_groups(w_final, g)
         w_final = w.float()
-    nodes = [_set_buffer(gm, s.target + "_q", packed, s.attr)]
-    nodes.append(_set_buffer(gm, s.target + "_scale", scales, nodes[-1]))
-    nodes.append(_set_buffer(gm, s.target + "_zero", zeros, nodes[-1]))
-    extra = (None, None)
+    tensors = [packed, scales, zeros]
     if keep is not None:
-        nodes.append(_set_buffer(gm, s.target + "_outlier_idx", keep, nodes[-1]))
-        nodes.append(_set_buffer(gm, s.target + "_outlier", w_final[:, keep].to(torch.bfloat16), nodes[-1]))
-        extra = (nodes[3], nodes[4])
+        tensors += [keep, w_final[:, keep].to(torch.bfloat16)]
+    return _wire_int4(gm, s, g, tensors, cfg.spec)
+
+
+def _wire_int4(gm, s: WeightSite, group_size: int, tensors: list[torch.Tensor], spec: str) -> str:
+    """Register [packed, scales, zeros(, outlier_idx, outlier)] and point the site's linears at linear_int4."""
+    nodes = [s.attr]
+    for suffix, t in zip(("_q", "_scale", "_zero", "_outlier_idx", "_outlier"), tensors):
+        nodes.append(_set_buffer(gm, s.target + suffix, t, nodes[-1]))
+    nodes = nodes[1:]
+    extra = (nodes[3], nodes[4]) if len(nodes) == 5 else (None, None)
     for lin in s.linears:
         bias = lin.args[2] if len(lin.args) > 2 else None
-        _replace(gm, lin, torch.ops.memopt.linear_int4.default, (lin.args[0], *nodes[:3], g, bias, *extra))
-    return cfg.spec + (f":o{cfg.outlier_fraction:g}" if keep is not None else "")
+        _replace(gm, lin, torch.ops.memopt.linear_int4.default, (lin.args[0], *nodes[:3], group_size, bias, *extra))
+    return spec
 
 
 __all__ = ["QuantizePass", "quantized_weight_bytes", "weight_sites", "WeightSite", "parse_quantize_spec"]

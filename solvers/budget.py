@@ -2,23 +2,25 @@
 
 Input: a `BudgetProblem` of plain numbers. Each layer lists weight options (format x placement, with
 device bytes, prefetch-buffer bytes, compute and host-transfer seconds and a quality penalty) and KV
-options (bits, bytes, seconds, penalty); the caller computes them (memopt/cost.py does, for
-transformers). The solver knows only this algebra:
+options (bits x placement, with device bytes, staging bytes, compute and host-transfer seconds, penalty);
+the caller computes them (memopt/cost.py does, for transformers). The solver knows only this algebra:
 
-  layer time   = max(weight compute_s + KV compute_s, weight transfer_s)   (a streamed layer is
-                 prefetched one block ahead, so its transfer overlaps compute)
+  layer time   = max(weight compute_s + KV compute_s, weight transfer_s + KV transfer_s)   (streamed
+                 weights and a host-resident KV cache are prefetched one layer ahead over the one host
+                 link, so their transfers overlap compute; FlexGen, ShadowKV)
   latency      = fixed_s + sum of layer times
-  device bytes = fixed_bytes + sum(device_bytes + KV bytes) + prefetch_buffers * max stream_bytes
-                 over host-placed layers                                  <= budget - reserve
+  device bytes = fixed_bytes + sum(device_bytes + KV bytes) + prefetch_buffers * (max stream_bytes over
+                 host-placed weights + max stream_bytes over host-placed KV caches)
+                                                                          <= budget - reserve
   penalty      = sum of the chosen options' penalties                     <= max_quality_loss
   objective    "latency": latency + lam * penalty;  "quality": penalty first, then latency + lam * penalty
 
-Exact formulation: the prefetch buffer (a max over streamed layers) is fixed in turn at each candidate
-level (no streaming, or one streamed option's size), which leaves a multiple-choice knapsack per level:
-identical layers form one class with an integer count per (weight, KV) pair of options (pairs beaten on
-bytes, time, penalty and stream size are dropped). Levels are solved with CBC (bundled with PuLP) in the
-order of their LP bounds; a level whose bound cannot beat the incumbent is skipped; the reported gap is
-against the smallest bound left open.
+Exact formulation: the two staging sizes (maxima over streamed weights and over host KV caches) are fixed
+in turn at each candidate level pair (no streaming, or one streamed option's size), which leaves a
+multiple-choice knapsack per level: identical layers form one class with an integer count per (weight, KV)
+pair of options (pairs beaten on bytes, time, penalty and stream sizes are dropped). Levels are solved
+with CBC (bundled with PuLP) in the order of their LP bounds; a level whose bound cannot beat the
+incumbent is skipped; the reported gap is against the smallest bound left open.
 Baseline (greedy): every layer starts at its own best option; while the plan does not fit, apply the
 change with the smallest objective increase per byte saved. The better plan is kept.
 """
@@ -68,19 +70,26 @@ class WeightOption:
 
 @dataclass(frozen=True)
 class KVOption:
-    """A layer's KV cache at `bits` (16: full precision)."""
+    """A layer's KV cache at `bits` (16: full precision) at `placement`. `bytes` are device bytes: a host
+    cache has 0 and needs a staging buffer of `stream_bytes` on the device while in use, and
+    `transfer_s` of host-link time per decode step (its cache in, the new token's rows back)."""
 
     bits: int
     bytes: int
     compute_s: float = 0.0
     penalty: float = 0.0
+    placement: str = "device"
+    stream_bytes: int = 0
+    transfer_s: float = 0.0
 
     def __post_init__(self):
         if self.bits not in KV_BITS:
             raise ValueError(f"KVOption.bits must be one of {KV_BITS}, got {self.bits!r}")
-        for key in ("bytes", "compute_s", "penalty"):
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"KVOption.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        for key in ("bytes", "compute_s", "penalty", "stream_bytes", "transfer_s"):
             value = getattr(self, key)
-            if not (value >= 0 and math.isfinite(value)):
+            if not value >= 0 or (key != "transfer_s" and not math.isfinite(value)):
                 raise ValueError(f"KVOption.{key} must be a finite number >= 0, got {value!r}")
 
 
@@ -145,6 +154,8 @@ class BudgetDecision:
     stream_bytes: int
     time_s: float
     penalty: float
+    kv_placement: str = "device"  # where the KV cache lives; "host": streamed into a staging buffer
+    kv_stream_bytes: int = 0  # that staging buffer (one layer's cache)
 
 
 @dataclass(frozen=True)
@@ -155,7 +166,7 @@ class BudgetResult:
     predicted_decode_s_per_token: float
     quality_loss: float
     objective_value: float
-    breakdown: dict = field(default_factory=dict)  # weights / kv / prefetch / fixed bytes on device
+    breakdown: dict = field(default_factory=dict)  # weights / kv / prefetch / kv staging / fixed bytes on device
     solver: SolverReport | None = None
 
 
@@ -179,7 +190,8 @@ class _Pair:
 
     @property
     def time_s(self) -> float:
-        return max(self.w.compute_s + (self.k.compute_s if self.k else 0.0), self.w.transfer_s)
+        return max(self.w.compute_s + (self.k.compute_s if self.k else 0.0),
+                   self.w.transfer_s + (self.k.transfer_s if self.k else 0.0))
 
     @property
     def penalty(self) -> float:
@@ -189,12 +201,16 @@ class _Pair:
     def stream(self) -> int:
         return self.w.stream_bytes if self.w.placement == "host" else 0
 
+    @property
+    def kv_stream(self) -> int:
+        return self.k.stream_bytes if self.k and self.k.placement == "host" else 0
+
 
 def _pairs(layer: LayerOptions) -> list[_Pair]:
     """(weight, KV) pairs with finite time, minus those another pair beats on every count."""
     pairs = [_Pair(w, k) for w in layer.weights for k in (layer.kv or (None,))]
     pairs = [p for p in pairs if math.isfinite(p.time_s)]
-    key = lambda p: (p.bytes, p.time_s, p.penalty, p.stream)  # noqa: E731
+    key = lambda p: (p.bytes, p.time_s, p.penalty, p.stream, p.kv_stream)  # noqa: E731
     keep = []
     for p in sorted(pairs, key=key):
         if not any(all(a <= b for a, b in zip(key(q), key(p))) for q in keep):
@@ -234,18 +250,19 @@ def _result(prob: BudgetProblem, pairs, members, choice: list[int], solver: Solv
             p = pairs[c][choice[i]]
             decisions[i] = BudgetDecision(prob.layers[i].name, p.w.format, p.w.placement, p.k.bits if p.k else None,
                                           p.bytes, p.w.device_bytes, p.k.bytes if p.k else 0, p.stream, p.time_s,
-                                          p.penalty)
+                                          p.penalty, p.k.placement if p.k else "device", p.kv_stream)
     weights = sum(d.weight_bytes for d in decisions)
     kv = sum(d.kv_bytes for d in decisions)
     prefetch = prob.prefetch_buffers * max((d.stream_bytes for d in decisions), default=0)
-    peak = weights + kv + prefetch + prob.fixed_bytes
+    staging = prob.prefetch_buffers * max((d.kv_stream_bytes for d in decisions), default=0)
+    peak = weights + kv + prefetch + staging + prob.fixed_bytes
     latency = prob.fixed_s + sum(d.time_s for d in decisions)
     penalty = sum(d.penalty for d in decisions)
     cap_ok = prob.max_quality_loss is None or penalty <= prob.max_quality_loss + QUALITY_TOL
     objective = latency + prob.lam * penalty
     return BudgetResult(peak <= prob.capacity_bytes and cap_ok, tuple(decisions), peak, latency, penalty,
                         objective, {"weights_bytes": weights, "kv_bytes": kv, "prefetch_bytes": prefetch,
-                                    "fixed_bytes": prob.fixed_bytes}, solver)
+                                    "kv_staging_bytes": staging, "fixed_bytes": prob.fixed_bytes}, solver)
 
 
 def _key(prob: BudgetProblem, r: BudgetResult) -> tuple:
@@ -258,12 +275,12 @@ def _key(prob: BudgetProblem, r: BudgetResult) -> tuple:
 
 # ---------------------------------------------------------------- greedy baseline
 def _peak(prob, pairs, members, choice) -> int:
-    total, stream = prob.fixed_bytes, 0
+    total, stream, kv_stream = prob.fixed_bytes, 0, 0
     for c, mem in enumerate(members):
         for i in mem:
             p = pairs[c][choice[i]]
-            total, stream = total + p.bytes, max(stream, p.stream)
-    return total + prob.prefetch_buffers * stream
+            total, stream, kv_stream = total + p.bytes, max(stream, p.stream), max(kv_stream, p.kv_stream)
+    return total + prob.prefetch_buffers * (stream + kv_stream)
 
 
 def _greedy_choice(prob: BudgetProblem, pairs, members) -> list[int]:
@@ -324,28 +341,34 @@ def _ref(prob: BudgetProblem, pairs) -> float:
     return max(max((p.time_s for ps in pairs for p in ps), default=0.0), 1e-12) * len(prob.layers)
 
 
-def _levels(prob: BudgetProblem, pairs) -> list[int]:
-    """Candidate prefetch-buffer sizes: no streaming, or any streamed option's size."""
-    return sorted({0} | {p.stream for ps in pairs for p in ps})
+def _levels(prob: BudgetProblem, pairs) -> list[tuple[int, int]]:
+    """Candidate (weight prefetch buffer, KV staging buffer) sizes: no streaming, or any streamed option's size."""
+    weights = {0} | {p.stream for ps in pairs for p in ps}
+    kv = {0} | {p.kv_stream for ps in pairs for p in ps}
+    return sorted((w, k) for w in weights for k in kv)
 
 
-def _level_ok(prob: BudgetProblem, pairs, members, mode: str, level: int) -> bool:
+def _within(p: _Pair, level: tuple[int, int]) -> bool:
+    return p.stream <= level[0] and p.kv_stream <= level[1]
+
+
+def _level_ok(prob: BudgetProblem, pairs, members, mode: str, level: tuple[int, int]) -> bool:
     """Every layer has an option streaming at most `level`, and (unless minimizing memory) the
     smallest such options fit."""
-    smallest = [min((p.bytes for p in ps if p.stream <= level), default=None) for ps in pairs]
+    smallest = [min((p.bytes for p in ps if _within(p, level)), default=None) for ps in pairs]
     if None in smallest:
         return False
-    need = prob.fixed_bytes + prob.prefetch_buffers * level + sum(len(m) * b for m, b in zip(members, smallest))
+    need = prob.fixed_bytes + prob.prefetch_buffers * sum(level) + sum(len(m) * b for m, b in zip(members, smallest))
     return mode == "memory" or need <= prob.capacity_bytes
 
 
-def _build(prob: BudgetProblem, pairs, members, mode: str, level: int, pen_cap: float | None = None):
-    """The ILP with the prefetch buffer fixed at `level` bytes (only options streaming at most that).
+def _build(prob: BudgetProblem, pairs, members, mode: str, level: tuple[int, int], pen_cap: float | None = None):
+    """The ILP with the staging buffers fixed at `level` bytes (only options streaming at most that).
     mode: "latency" (latency + lam * penalty), "penalty" or "memory". Returns (problem, counts) or None."""
     if not _level_ok(prob, pairs, members, mode, level):
         return None
-    allowed = [[j for j, p in enumerate(ps) if p.stream <= level] for ps in pairs]
-    charge = prob.fixed_bytes + prob.prefetch_buffers * level
+    allowed = [[j for j, p in enumerate(ps) if _within(p, level)] for ps in pairs]
+    charge = prob.fixed_bytes + prob.prefetch_buffers * sum(level)
     lp = pulp.LpProblem("budget", pulp.LpMinimize)
     n = [{j: pulp.LpVariable(f"n{c}_{j}", 0, len(members[c]), cat="Integer") for j in allowed[c]}
          for c in range(len(pairs))]
@@ -487,7 +510,7 @@ def _smallest_choice(prob: BudgetProblem, pairs, members) -> list[int]:
             continue
         choice = [0] * len(prob.layers)
         for c, mem in enumerate(members):
-            j = min((j for j, p in enumerate(pairs[c]) if p.stream <= level),
+            j = min((j for j, p in enumerate(pairs[c]) if _within(p, level)),
                     key=lambda j: (pairs[c][j].bytes, pairs[c][j].penalty, pairs[c][j].time_s))
             for i in mem:
                 choice[i] = j
@@ -514,8 +537,8 @@ def _gib(n: float) -> str:
 
 def _dominant(prob: BudgetProblem, r: BudgetResult) -> tuple[str, str]:
     b, ds = r.breakdown, r.decisions
-    parts = {"kv": b["kv_bytes"], "weights": b["weights_bytes"], "prefetch": b["prefetch_bytes"],
-             "fixed": b["fixed_bytes"]}
+    parts = {"kv": b["kv_bytes"], "weights": b["weights_bytes"],
+             "prefetch": b["prefetch_bytes"] + b.get("kv_staging_bytes", 0), "fixed": b["fixed_bytes"]}
     kind = max(parts, key=parts.get)
     if kind == "kv":
         bits = min((d.kv_bits for d in ds if d.kv_bits is not None), default=16)
@@ -527,7 +550,8 @@ def _dominant(prob: BudgetProblem, r: BudgetResult) -> tuple[str, str]:
         return kind, f"weights kept on the device need {_gib(parts[kind])} even at {'/'.join(fmts)}"
     if kind == "prefetch":
         return kind, (f"prefetch buffers for streaming from host need {_gib(parts[kind])} "
-                      f"({prob.prefetch_buffers} x the largest streamed layer)")
+                      f"({prob.prefetch_buffers} x the largest streamed layer"
+                      + (" and its KV cache)" if b.get("kv_staging_bytes") else ")"))
     return kind, f"the {prob.fixed_label} needs {_gib(parts[kind])}"
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pulp
 
 from memopt.plan import SolverReport
-from memopt.solvers.arena import run_milp
+from memopt.solvers.milp import run_milp
 from memopt.solvers.memgraph import KINDS, MemGraph, MemTensor
 
 DEFAULT_KINDS = ("activation", "output")

@@ -60,6 +60,27 @@ def test_generation_program_round_trip(tmp_path):
     assert (out / "weights.safetensors").stat().st_size < 0.5 * result.plan.predictions["weights_bytes_before"]
 
 
+def test_int4_saved_after_running_stores_the_canonical_layout(tmp_path):
+    """The CPU int4 kernel rewrites a weight's layout in place on its first call; the forward and
+    generation programs share that tensor, and save/ONNX must still write the canonical bytes."""
+    from memopt.onnx_export import run_onnx
+
+    fresh = compile_model("demo", seq=16, quantize="int4:g32", passes=())
+    used = compile_model("demo", seq=16, quantize="int4:g32", passes=())
+    ids = torch.tensor([[5, 17, 99, 4]])
+    want_gen = fresh.module.generate(ids, 6)
+    args = fresh.captured.example_inputs
+    want = fresh.module(*args)
+    assert torch.equal(used.module(*args), want)  # first call: layout converted
+    assert torch.equal(used.module.generate(ids, 6), want_gen)  # the generator reads the shared, converted tensor
+    out = save(used.module, tmp_path / "used", programs=used.programs, onnx=True)
+    save(fresh.module, tmp_path / "fresh", programs=fresh.programs)
+    assert (out / "weights.safetensors").read_bytes() == (tmp_path / "fresh" / "weights.safetensors").read_bytes()
+    loaded = load(out)
+    assert torch.equal(loaded(*args), want) and torch.equal(loaded.generate(ids, 6), want_gen)
+    assert (run_onnx(out / "model.onnx", args) - want).abs().max().item() <= 2e-2
+
+
 @pytest.mark.parametrize("model, quantize, atol", [("demo", None, 1e-4), ("demo", "int8", 1e-4),
                                                    ("demo", "int4:g32", 2e-2), ("minilm", None, 1e-4)])
 def test_onnx_runtime_matches_pytorch(model, quantize, atol, tmp_path):

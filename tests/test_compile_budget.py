@@ -41,10 +41,14 @@ def test_infeasible_budget_is_one_clear_line():
 
 
 def _resident_bytes(module) -> int:
-    tensors = {id(t): t for t in list(module.gm.parameters()) + list(module.gm.buffers())}
-    if module.generator is not None:
-        tensors.update({id(t): t for t in module.generator.buffers() if t.dim() == 4})  # its KV cache
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    """Every distinct storage both programs hold (weights, KV cache, arena): a weight the two programs
+    do not share is counted twice, as it is in memory."""
+    storages = {}
+    for program in (module.gm, module.generator):
+        if program is not None:
+            for _, t in [*program.named_parameters(remove_duplicate=False), *program.named_buffers(remove_duplicate=False)]:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
 
 
 def test_compiled_module_fits_its_budget():
@@ -72,3 +76,46 @@ def test_budget_plan_compresses_the_kv_cache_it_priced():
     assert planned["fits"] and kv_policies is not None
     new = result.module.generate(torch.tensor([[5, 17, 99, 4]]), 4)
     assert new.shape == (1, 4)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4:g32:gptq:o0.05"])
+def test_decoder_programs_share_their_quantized_weights(quantize):
+    """Quantized once (GPTQ calibrates on the forward program's inputs; the one-token generation program
+    could not), held once: the generation program binds the very same tensors."""
+    result = compile_model("demo", seq=64, quantize=quantize)
+    gm, gen = result.module.gm, result.module.generator
+    fwd = {n: t for n, t in gm.named_buffers() if n.endswith(("_q", "_scale", "_zero", "_outlier"))}
+    both = [n for n, t in gen.named_buffers() if n in fwd]
+    assert len(both) == len(fwd) and all(gen.get_buffer(n) is fwd[n] for n in both)
+    ids = result.captured.example_inputs[0]  # the arena program is planned for this shape
+    with torch.no_grad():
+        want = result.module(ids)[:, -1].argmax(-1)
+    assert torch.equal(result.module.generate(ids, 1)[:, 0], want)
+    caches = [t for n, t in gen.named_buffers() if "cache" in n]
+    assert caches and all(t.untyped_storage().data_ptr() not in {f.untyped_storage().data_ptr() for f in fwd.values()}
+                          for t in caches)
+
+
+def test_budget_plan_with_16_bit_kv_generates_one_token_per_call():
+    """A generous budget keeps the KV cache at 16 bits: no KV pass, and the generation program (captured
+    for one token per call) still serves a multi-token prompt."""
+    from memopt.runner import tokens_per_call
+
+    result = compile_model("demo", seq=64, budget="1GiB", target="custom:mem=4GiB,bw=100GB/s")
+    assert "kv" not in result.plan.pass_configs and tokens_per_call(result.module.generator) == 1
+    prompt = torch.tensor([[5, 17, 99, 4, 8, 21]])
+    ref = result.module.generator
+    from memopt.generate import generate as step_by_step
+
+    want = step_by_step(ref, prompt, 4)
+    assert torch.equal(result.module.generate(prompt, 4), want)
+
+
+def test_offload_kv_generates_the_same_tokens():
+    prompt = torch.tensor([[5, 17, 99, 4, 8, 21]])
+    base = compile_model("demo", seq=32, passes=())
+    off = compile_model("demo", seq=32, passes=(), offload_kv=[0, "layers.[2-3]"])
+    assert "kv_offload" in off.plan.pass_configs
+    names = [n for n, _ in off.module.generator.named_buffers()]
+    assert any("_memopt_offload_host_kv" in n for n in names) and not any(n == "key_cache_0" for n in names)
+    assert torch.equal(off.module.generate(prompt, 6), base.module.generate(prompt, 6))

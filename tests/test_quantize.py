@@ -51,9 +51,6 @@ CASES = [
 
 
 def _config(fmt: str):
-    if ":o" in fmt:
-        base, frac = fmt.split(":o")
-        return Int4WeightConfig(group_size=parse_quantize_spec(base).group_size, outlier_fraction=float(frac))
     return parse_quantize_spec(fmt)
 
 
@@ -173,6 +170,33 @@ def test_int4_kernel_zero_point_convention(rows, g):
     assert sqnr(x @ w.t(), got) >= 17
 
 
+def test_cpu_int4_kernel_keeps_one_resident_copy():
+    torch.manual_seed(0)
+    w, x = torch.randn(128, 256), torch.randn(2, 256)
+    packed, scales, zeros = qops.quantize_int4_groups(w, 64)
+    canonical, ref = packed.clone(), x @ qops.dequantize_int4(packed, scales, zeros, 64).t()
+    m = torch.nn.Module()
+    for name, t in (("packed", packed), ("scales", scales), ("zeros", zeros)):
+        m.register_buffer(name, t)
+
+    def resident_bytes() -> int:  # buffers plus any tensor cached on them
+        cached = [v for t in m.buffers() for v in vars(t).values() if isinstance(v, tuple)]
+        return sum(b.nbytes for b in m.buffers()) + sum(c.nbytes for v in cached for c in v
+                                                         if isinstance(c, torch.Tensor))
+
+    before = resident_bytes()
+    got = torch.ops.memopt.linear_int4(x, m.packed, m.scales, m.zeros, 64)
+    assert sqnr(ref, got) >= 45
+    assert resident_bytes() <= before + 4 * scales.numel(), "int4 weights must not be resident twice"
+    assert m.packed.data_ptr() == packed.data_ptr()
+    big = torch.randn(300, 256)  # reference path reads the kernel layout too
+    assert sqnr(big @ qops.dequantize_int4(canonical, scales, zeros, 64).t(),
+                torch.ops.memopt.linear_int4(big, m.packed, m.scales, m.zeros, 64)) >= 60
+    with qops.canonical_int4_layout(m):
+        assert torch.equal(m.packed, canonical), "artifacts and ONNX must see the canonical bytes"
+    assert sqnr(ref, torch.ops.memopt.linear_int4(x, m.packed, m.scales, m.zeros, 64)) >= 45
+
+
 def test_embedding_int8_rows():
     torch.manual_seed(0)
     table = torch.randn(50, 16)
@@ -192,6 +216,7 @@ def test_embedding_int8_rows():
     (lambda: LosslessConfig(max_code_bits=30), "max_code_bits must be an int in \\[8, 16\\], got 30"),
     (lambda: parse_quantize_spec("int3"), "unknown weight format 'int3'; accepted: int8, "),
     (lambda: parse_quantize_spec("int4:g48"), "unknown weight format 'int4:g48'"),
+    (lambda: parse_quantize_spec("int4:g64:o0.5"), "unknown weight format 'int4:g64:o0.5'"),
     (lambda: config_from_json({"type": "int4", "version": 1, "group": 64}), "unknown int4 config fields \\['group'\\]"),
     (lambda: config_from_json({"type": "int4", "version": 9}), "version 9 is not supported"),
 ])
@@ -308,12 +333,17 @@ def minilm():
 
 
 # format, config, min mean cosine, max linear bytes / fp32 bytes.
-# int4 g64 falls short of the 0.99 cosine target: plain round-to-nearest reaches ~0.97, GPTQ with 1%
-# bf16 outlier channels ~0.987 on these sentences (every linear at ~20 dB layer SQNR; no single layer dominates).
+# int4 g64 still falls short of the 0.99 cosine target (issue #4). Measured mean cosine on EVAL
+# (calibrated on CALIB): RTN 0.9722; GPTQ 0.9862; GPTQ + 1% bf16 outliers 0.9873; GPTQ + 2.5% outliers
+# 0.9881 (0.1496 x fp32, the best within 0.15). Tried and not kept (each < +0.001): AWQ scaling searched
+# per layer (+RTN 0.9800, +GPTQ 0.9865), sequential GPTQ on quantized inputs (0.9862; 0.9876 with 1%),
+# GPTAQ-style fp-target correction (0.9869), bias correction (0.9867), least-squares scale refit
+# (0.9863), lower damping (0.01: 0.9809) or 10x more (off-domain) calibration text (0.9850), end-to-end
+# scale tuning on CALIB (overfits: 0.9870 peak). Layer 5 alone costs ~0.006 of the ~0.014 gap.
 MINILM_CASES = [
     ("int8", Int8WeightConfig(), 0.999, 0.26),
     ("int4:g64", Int4WeightConfig(), 0.97, 0.15),
-    ("int4:g64:gptq+outliers", Int4WeightConfig(method="gptq", outlier_fraction=0.01), 0.985, 0.15),
+    ("int4:g64:gptq:o0.025", parse_quantize_spec("int4:g64:gptq:o0.025"), 0.987, 0.15),
 ]
 
 

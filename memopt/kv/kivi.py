@@ -5,7 +5,18 @@ values per token over groups of `group_size` channels. Each group keeps an fp16 
 minimum): x ~= q * scale + zero, q in [0, 2**bits - 1]. The most recent `residual` tokens stay in full
 precision and are flushed into the quantized store one group at a time. Keys and values may take
 different bits (keys are the more sensitive: K4/V2 keeps retrieval where K2/V2 loses it, as KVTuner,
-Li et al. 2025, finds). Packed storage: four 2-bit or two 4-bit values a byte, element i of a byte in bits
+Li et al. 2025, finds). Two rotations make low-bit keys and values much more accurate at the same bytes:
+
+- `pre_rope` (KVQuant, Hooper et al., NeurIPS 2024): keys are quantized *before* the rotary embedding.
+  RoPE turns each channel pair by a position-dependent angle, which smears the per-channel structure
+  that per-channel groups rely on; the store inverts RoPE on a flushed block (the model's `inv_freq`,
+  the block's positions), quantizes, and re-applies RoPE to the dequantized keys at attention time.
+- `hadamard` (QuaRot, Ashkboos et al., 2024): keys and values are multiplied by an orthonormal
+  Hadamard matrix of the head dimension before quantizing and by its transpose after, which spreads
+  outlier channels over all channels.
+
+Both change only the quantized store (the bytes stay the same); a tensor kept at 16 bits is stored as is.
+Packed storage: four 2-bit or two 4-bit values a byte, element i of a byte in bits
 [bits * i, bits * (i + 1)).
 
 Shapes: a block of keys (batch, heads, blocks, group_size, channels) -> packed
@@ -16,7 +27,9 @@ values (batch, heads, blocks, group_size, head_dim) -> packed (..., head_dim * b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import ClassVar
 
 import torch
@@ -33,7 +46,9 @@ class KIVIConfig(KVConfig):
     """Quantized KV (KIVI). `key_bits` / `value_bits` in 2, 4, 8 (16 leaves that tensor unquantized);
     `group_size` tokens per key group and channels per value group; `residual` full-precision recent
     tokens, a multiple of `group_size`; `sinks`: the first tokens kept in full precision too (they draw
-    most of the attention and carry outliers: IntactKV, Liu et al. 2024)."""
+    most of the attention and carry outliers: IntactKV, Liu et al. 2024); `pre_rope`: quantize keys
+    before RoPE (KVQuant); `hadamard`: rotate keys and values by a Hadamard matrix before quantizing
+    (QuaRot)."""
 
     kind: ClassVar[str] = "kivi"
     key_bits: int = 2
@@ -41,6 +56,8 @@ class KIVIConfig(KVConfig):
     group_size: int = 32
     residual: int = 128
     sinks: int = 0
+    pre_rope: bool = False
+    hadamard: bool = False
 
     def __post_init__(self):
         for name in ("key_bits", "value_bits"):
@@ -51,6 +68,9 @@ class KIVIConfig(KVConfig):
             raise ValueError(f"KIVIConfig.group_size must be one of {KIVI_GROUPS}, got {self.group_size!r}")
         check_int("KIVIConfig", "residual", self.residual, minimum=self.group_size)
         check_int("KIVIConfig", "sinks", self.sinks, minimum=0)
+        for name in ("pre_rope", "hadamard"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KIVIConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.residual % self.group_size:
             raise ValueError(f"KIVIConfig.residual must be a multiple of group_size {self.group_size}, "
                              f"got {self.residual}")
@@ -58,7 +78,8 @@ class KIVIConfig(KVConfig):
     @property
     def spec(self) -> str:
         sinks = f":s{self.sinks}" if self.sinks else ""
-        return f"kivi:k{self.key_bits}v{self.value_bits}:g{self.group_size}:r{self.residual}{sinks}"
+        flags = (":pre" if self.pre_rope else "") + (":had" if self.hadamard else "")
+        return f"kivi:k{self.key_bits}v{self.value_bits}:g{self.group_size}:r{self.residual}{sinks}{flags}"
 
 
 # ---------------------------------------------------------------- numerics
@@ -118,3 +139,27 @@ def dequantize_values(packed: Tensor, scale: Tensor, zero: Tensor, bits: int) ->
     n_groups = scale.shape[-1]
     q = q.reshape(*q.shape[:-1], n_groups, -1)
     return (q * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)).flatten(-2)
+
+
+# ---------------------------------------------------------------- rotations
+@lru_cache(maxsize=8)
+def hadamard_matrix(n: int) -> Tensor:
+    """The orthonormal Sylvester-Hadamard matrix (n, n), n a power of two: symmetric, H @ H = I."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {n}; set hadamard=False")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def rope(x: Tensor, positions: Tensor, inv_freq: Tensor, inverse: bool = False) -> Tensor:
+    """Rotate x (..., tokens, head_dim) by RoPE at `positions` (..., tokens), broadcasting, as transformers'
+    Llama does (channel i paired with i + head_dim / 2); `inverse` undoes it. fp32."""
+    freqs = positions.float().unsqueeze(-1) * inv_freq.float()
+    emb = torch.cat([freqs, freqs], -1)
+    cos, sin = emb.cos(), emb.sin()
+    x = x.float()
+    a, b = x.chunk(2, -1)
+    half = torch.cat([-b, a], -1)
+    return x * cos - half * sin if inverse else x * cos + half * sin

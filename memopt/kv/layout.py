@@ -11,6 +11,9 @@ regions, any of which may be empty, for a token stream at positions 0, 1, 2, ...
     residual  a ring of the most recent `residual` tokens, full precision (batch, heads, residual, head_dim)
     scores    per residual token and per store block, fp32, when eviction is score-based (H2O)
 
+A quantized store may hold keys before RoPE (`pre_rope`, re-rotated when read) and keys and values
+Hadamard-rotated (`hadamard`); neither adds a byte.
+
 Tokens enter the residual ring; when it is full the oldest `group` tokens are flushed into one store
 block. When the store is full a block is evicted: the oldest (`evict="fifo"`, StreamingLLM's ring) or
 the lowest-scored (`evict="score"`, H2O), or the flushed block itself if it scores lower still. With
@@ -53,8 +56,18 @@ class Layout:
     channel_window: int = 0  # ThinK's observation window
     dtype: str = "float16"
     bounded: bool = False  # True: drops tokens beyond `capacity` by design; False: sized for a context
+    pre_rope: bool = False  # quantized keys stored before RoPE (KVQuant); needs rope_inv_freq at run time
+    rope_inv_freq: tuple[float, ...] = ()  # the model's RoPE inv_freq (head_dim / 2), filled by KVCompressionPass
+    hadamard: bool = False  # quantized keys / values stored Hadamard-rotated (QuaRot)
 
     def __post_init__(self):
+        object.__setattr__(self, "rope_inv_freq", tuple(self.rope_inv_freq))
+        if self.pre_rope and self.evict != "fifo":
+            raise ValueError("pre-RoPE keys need the positions of the stored blocks, which score-based eviction "
+                             "reorders; use pre_rope=False with H2O / SnapKV")
+        if (self.pre_rope or self.hadamard) and self.key_channels:
+            raise ValueError("pre-RoPE and Hadamard keys rotate channel pairs that ThinK would prune; "
+                             "drop channels= or set pre_rope=False, hadamard=False")
         if self.residual and self.residual % self.group:
             raise ValueError(f"residual {self.residual} must be a multiple of group {self.group}")
         if self.residual == 0 and self.group != 1 and self.blocks:
@@ -134,6 +147,7 @@ class Layout:
     def to_json(self) -> dict:
         d = asdict(self)
         d["heads"] = list(self.heads)
+        d["rope_inv_freq"] = list(self.rope_inv_freq)
         return d
 
 
@@ -144,4 +158,5 @@ def layouts_to_str(layouts: tuple[Layout, ...]) -> str:
 
 @lru_cache(maxsize=1024)
 def layouts_from_str(text: str) -> tuple[Layout, ...]:
-    return tuple(Layout(**{**d, "heads": tuple(d["heads"])}) for d in json.loads(text))
+    return tuple(Layout(**{**d, "heads": tuple(d["heads"]), "rope_inv_freq": tuple(d.get("rope_inv_freq", ()))})
+                 for d in json.loads(text))

@@ -53,6 +53,12 @@ class KVCachePolicy(KVConfig):
         if self.dtype not in FP_DTYPES:
             raise ValueError(f"KVCachePolicy.dtype must be one of {', '.join(FP_DTYPES)}, got {self.dtype!r}")
         e, q = self.eviction, self.quant
+        if q is not None and (q.pre_rope or q.hadamard) and self.channels is not None:
+            raise ValueError("KIVIConfig pre_rope / hadamard rotate key channels that ThinKConfig would prune; "
+                             "drop channels or set pre_rope=False, hadamard=False")
+        if q is not None and q.pre_rope and isinstance(e, (H2OConfig, SnapKVConfig)):
+            raise ValueError(f"KIVIConfig.pre_rope needs the positions of stored blocks, which {type(e).__name__} "
+                             f"reorders; set pre_rope=False or use StreamingConfig")
         if isinstance(e, StreamingConfig) and q is not None and e.window < q.residual:
             raise ValueError(f"StreamingConfig.window {e.window} < KIVIConfig.residual {q.residual}: nothing would "
                              f"be quantized; lower the residual or widen the window")
@@ -85,7 +91,8 @@ class KVCachePolicy(KVConfig):
             if head_dim % value_group or (head_dim * q.value_bits) % 8:
                 raise ValueError(f"KIVIConfig.group_size {group} does not divide head_dim {head_dim}; "
                                  f"use a group_size that divides it")
-            spec.update(group=group, key_bits=q.key_bits, value_bits=q.value_bits, value_group=value_group)
+            spec.update(group=group, key_bits=q.key_bits, value_bits=q.value_bits, value_group=value_group,
+                        pre_rope=q.pre_rope and q.key_bits < 16, hadamard=q.hadamard)
         sinks = self._sinks()
         if e is None:
             if q is None:
@@ -227,7 +234,8 @@ def fp16_cache_bytes(batch: int, context: int, layers: int, kv_heads: int, head_
 
 def parse_kv_spec(spec: str) -> KVCachePolicy:
     """A plan's `kv_policy` string: 'full', 'kivi:<bits>' or 'kivi:k<bits>v<bits>' with optional ':g<group>'
-    ':r<residual>' and ':s<sinks>', 'streaming:<sinks>:<window>', 'h2o:<budget>', 'snapkv:<budget>'."""
+    ':r<residual>', ':s<sinks>', ':pre' (pre-RoPE keys) and ':had' (Hadamard rotation),
+    'streaming:<sinks>:<window>', 'h2o:<budget>', 'snapkv:<budget>'."""
     parts = spec.strip().lower().split(":") if isinstance(spec, str) else [""]
     head, rest = parts[0], parts[1:]
     try:
@@ -236,12 +244,18 @@ def parse_kv_spec(spec: str) -> KVCachePolicy:
         if head == "kivi" and rest:
             bits = rest[0]
             kb, vb = (int(bits), int(bits)) if bits.isdigit() else map(int, bits[1:].split("v"))
-            opts = {"g": 32, "r": 128, "s": 0}
+            opts, flags = {"g": 32, "r": 128, "s": 0}, {"pre": False, "had": False}
             for p in rest[1:]:
-                opts[p[0]] = int(p[1:])
+                if p in flags:
+                    flags[p] = True
+                elif p[:1] in opts:
+                    opts[p[0]] = int(p[1:])
+                else:
+                    raise ValueError(p)
             if kb == vb == 16:
                 return KVCachePolicy()
-            return KVCachePolicy(quant=KIVIConfig(kb, vb, opts["g"], opts["r"], opts["s"]))
+            return KVCachePolicy(quant=KIVIConfig(kb, vb, opts["g"], opts["r"], opts["s"], pre_rope=flags["pre"],
+                                                  hadamard=flags["had"]))
         if head == "streaming" and len(rest) == 2:
             return KVCachePolicy(eviction=StreamingConfig(int(rest[0]), int(rest[1])))
         if head in ("h2o", "snapkv") and len(rest) == 1:
@@ -250,5 +264,5 @@ def parse_kv_spec(spec: str) -> KVCachePolicy:
     except (ValueError, IndexError) as exc:
         if "must" in str(exc):
             raise
-    raise ValueError(f"unknown KV policy {spec!r}; accepted: full, kivi:<2|4|8>, kivi:k4v2[:g32][:r128][:s4], "
+    raise ValueError(f"unknown KV policy {spec!r}; accepted: full, kivi:<2|4|8>, kivi:k4v2[:g32][:r128][:s4][:pre][:had], "
                      f"streaming:<sinks>:<window>, h2o:<budget_tokens>, snapkv:<budget_tokens>")

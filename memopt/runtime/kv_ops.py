@@ -11,7 +11,9 @@
 Per group of KV heads: attend over sinks + store (dequantized) + residual ring + the new token, update
 the eviction scores with this step's attention (H2O), then insert the new token (flushing the oldest
 residual group into the store and evicting a block when full). `fill_layer` writes the state from a
-prefill's full-precision keys and values. Registered with `torch.library` (a fake kernel included), so a
+prefill's full-precision keys and values. A store with `pre_rope` un-rotates a block's keys at its
+positions before quantizing and re-rotates them when read; with `hadamard` it rotates keys and values by
+a Hadamard matrix before quantizing and back when read. Registered with `torch.library` (a fake kernel included), so a
 graph calling it still exports.
 """
 
@@ -72,7 +74,7 @@ def attend_group(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Te
     f = L.flushed(n)
     nb = min(f, L.blocks)
     if nb:
-        keys, vals = read_store(L, bufs, nb)
+        keys, vals = read_store(L, bufs, nb, f)
         qs = q if L.kept_channels == L.head_dim else q.gather(-1, _channel_index(bufs, q.shape[2]))
         spans["store"] = (sum(x.shape[-1] for x in logits), keys.shape[2])
         logits.append(qs @ keys.transpose(-1, -2))
@@ -132,7 +134,7 @@ def put_blocks(L: Layout, bufs: dict[str, Tensor], keys: Tensor, vals: Tensor, s
         return
     for i in range(keys.shape[2]):
         g = first + i
-        block = encode_blocks(L, bufs, keys[:, :, i : i + 1], vals[:, :, i : i + 1])
+        block = encode_blocks(L, bufs, keys[:, :, i : i + 1], vals[:, :, i : i + 1], torch.tensor([g], device=keys.device))
         score = None if scores is None else scores[:, :, i : i + 1]
         if not L.scored or g < L.blocks:
             slot = g % L.blocks
@@ -154,8 +156,9 @@ def _bcast(mask: Tensor, like: Tensor) -> Tensor:
     return mask.view(*mask.shape, *([1] * (like.dim() - 3)))
 
 
-def encode_blocks(L: Layout, bufs: dict[str, Tensor], keys: Tensor, vals: Tensor) -> dict[str, Tensor]:
-    """keys, vals (batch, heads, k, group, head_dim) full precision -> the store's tensors for k blocks."""
+def encode_blocks(L: Layout, bufs: dict[str, Tensor], keys: Tensor, vals: Tensor, blocks: Tensor) -> dict[str, Tensor]:
+    """keys (after RoPE), vals (batch, heads, k, group, head_dim) full precision of store blocks `blocks` (k,)
+    (flush order, for their positions) -> the store's tensors for the k blocks."""
     out = {}
     if L.kept_channels != L.head_dim:
         if int(bufs["channels"][0, 0, 0]) < 0:  # no prefill chose them: keep the largest keys' channels
@@ -166,27 +169,54 @@ def encode_blocks(L: Layout, bufs: dict[str, Tensor], keys: Tensor, vals: Tensor
     if L.key_bits == 16:
         out["store_k"] = keys.to(bufs["store_k"].dtype)
     else:
+        if L.pre_rope:
+            keys = kivi.rope(keys, _positions(L, blocks.to(keys.device)), _inv_freq(L, keys.device), inverse=True)
+        if L.hadamard:
+            keys = keys.float() @ kivi.hadamard_matrix(L.head_dim).to(keys.device)
         out.update(kivi.quantize_keys(keys, L.key_bits))
     if L.value_bits == 16:
         out["store_v"] = vals.to(bufs["store_v"].dtype)
     else:
+        if L.hadamard:
+            vals = vals.float() @ kivi.hadamard_matrix(L.head_dim).to(vals.device)
         out.update(kivi.quantize_values(vals, L.value_bits, L.value_channels_per_group))
     return out
 
 
-def read_store(L: Layout, bufs: dict[str, Tensor], nb: int) -> tuple[Tensor, Tensor]:
-    """The first `nb` blocks as fp32 keys (batch, heads, nb * group, kept_channels) and values (..., head_dim)."""
+def read_store(L: Layout, bufs: dict[str, Tensor], nb: int, flushed: int) -> tuple[Tensor, Tensor]:
+    """The first `nb` blocks (of `flushed` so far) as fp32 keys (batch, heads, nb * group, kept_channels),
+    after RoPE, and values (..., head_dim)."""
     if L.key_bits == 16:
         keys = bufs["store_k"][:, :, :nb].float()
     else:
         keys = kivi.dequantize_keys(bufs["store_kq"][:, :, :nb], bufs["store_kscale"][:, :, :nb],
                                     bufs["store_kzero"][:, :, :nb], L.key_bits)
+        if L.hadamard:
+            keys = keys @ kivi.hadamard_matrix(L.head_dim).to(keys.device)
+        if L.pre_rope:
+            slots = torch.arange(nb, device=keys.device)
+            blocks = slots + L.blocks * torch.div(flushed - 1 - slots, L.blocks, rounding_mode="floor")
+            keys = kivi.rope(keys, _positions(L, blocks), _inv_freq(L, keys.device))
     if L.value_bits == 16:
         vals = bufs["store_v"][:, :, :nb].float()
     else:
         vals = kivi.dequantize_values(bufs["store_vq"][:, :, :nb], bufs["store_vscale"][:, :, :nb],
                                       bufs["store_vzero"][:, :, :nb], L.value_bits)
+        if L.hadamard:
+            vals = vals @ kivi.hadamard_matrix(L.head_dim).to(vals.device)
     return keys.flatten(2, 3), vals.flatten(2, 3)
+
+
+def _positions(L: Layout, blocks: Tensor) -> Tensor:
+    """Token positions (k, group) of store blocks `blocks` (k,) in flush order."""
+    return L.sinks + blocks.unsqueeze(-1) * L.group + torch.arange(L.group, device=blocks.device)
+
+
+def _inv_freq(L: Layout, device) -> Tensor:
+    if len(L.rope_inv_freq) * 2 != L.head_dim:
+        raise ValueError(f"a pre-RoPE key store needs the model's RoPE inv_freq ({L.head_dim // 2} values), got "
+                         f"{len(L.rope_inv_freq)}; KVCompressionPass fills it from the graph's rotary_emb.inv_freq")
+    return torch.tensor(L.rope_inv_freq, dtype=torch.float32, device=device)
 
 
 def _channel_index(bufs: dict[str, Tensor], n_rep: int) -> Tensor:
@@ -229,11 +259,12 @@ def fill_group(L: Layout, bufs: dict[str, Tensor], keys: Tensor, vals: Tensor, s
         block_scores = scores[:, :, L.sinks : L.sinks + g * f].float().reshape(b, h, f, g).sum(-1)
         chosen = block_scores.topk(kept, dim=-1).indices.sort(-1).values  # (batch, heads, kept)
         index = chosen[..., None, None].expand(b, h, kept, g, d)
-        block = encode_blocks(L, bufs, mid_k.gather(2, index), mid_v.gather(2, index))
+        block = encode_blocks(L, bufs, mid_k.gather(2, index), mid_v.gather(2, index), chosen[0, 0])
         slots = torch.arange(kept, device=keys.device)
         bufs["store_score"][:, :, :kept] = block_scores.gather(2, chosen)
     else:  # the newest `kept` blocks, each in its ring slot
-        block = encode_blocks(L, bufs, mid_k[:, :, f - kept :], mid_v[:, :, f - kept :])
+        block = encode_blocks(L, bufs, mid_k[:, :, f - kept :], mid_v[:, :, f - kept :],
+                              torch.arange(f - kept, f, device=keys.device))
         slots = torch.arange(f - kept, f, device=keys.device) % L.blocks
     for name, x in block.items():
         bufs[name][:, :, slots] = x

@@ -15,6 +15,21 @@ and records an event; `offload_wait` makes the compute stream wait on that event
 the compute issued between the two calls (FlexGen, Sheng et al. 2023; LLM in a flash, Alizadeh et al.
 2023). With host and device the same (CPU-only), the prefetch is a plain copy and the wait does nothing.
 Registered with `torch.library` (fake kernels included), so a graph calling them still exports.
+
+KV-cache offloading (passes/kv_offload.py; FlexGen, Sheng et al. 2023; ShadowKV, Sun et al. 2024) adds
+
+    kv_offload_prefetch(slot, host, layer)       start copying the layer's host cache into `slot`
+    kv_offload_wait(slot, host, layer)           make the compute stream wait until that copy has landed
+    kv_offload_writeback(host, slot, pos, layer) copy the rows at token positions `pos` back to `host`
+      slot   (slot_numel,) cache dtype on the device   staging slot; holds host.numel() elements
+      host   (2, max_tokens, batch, kv_heads, head_dim) keys then values, token-major (FlexGen's layout),
+             so one step's new rows are contiguous on the host; pinned on CUDA
+      pos    (new_tokens,) int64                      the cache positions written this step
+
+The graph reads the slot as (batch, kv_heads, max_tokens, head_dim) permuted views. On CUDA the
+write-back gathers the new rows on the side stream and copies them to a pinned buffer; they are
+scattered into `host` by the layer's next prefetch (or `flush_kv_writebacks()`), one step later, so the
+host never waits on the device in the middle of a step.
 """
 
 from __future__ import annotations
@@ -24,6 +39,7 @@ from torch import Tensor
 
 _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
 _pending: dict[tuple[torch.device, int], "torch.cuda.Event"] = {}  # (device, slot data_ptr) -> copy done
+_writebacks: dict[int, tuple] = {}  # host data_ptr -> (event, host, pinned rows, pinned positions)
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -75,3 +91,97 @@ def _(slot, host, slot_index):
 
 PREFETCH = torch.ops.memopt.offload_prefetch.default
 WAIT = torch.ops.memopt.offload_wait.default
+
+
+# ---------------------------------------------------------------- KV cache
+def _kv_check(slot: Tensor, host: Tensor, layer: int) -> None:
+    if slot.dim() != 1 or host.dim() != 5 or slot.dtype != host.dtype or host.shape[0] != 2:
+        raise ValueError(f"KV offload layer {layer}: slot must be 1-d and host (2, tokens, batch, kv_heads, "
+                         f"head_dim) of one dtype, got {slot.dtype}{tuple(slot.shape)} and "
+                         f"{host.dtype}{tuple(host.shape)}")
+    if host.numel() > slot.numel():
+        raise ValueError(f"KV offload layer {layer}: the slot holds {slot.numel()} elements, the cache needs "
+                         f"{host.numel()}")
+
+
+def _flush(key: int) -> None:
+    pending = _writebacks.pop(key, None)
+    if pending is not None:
+        done, host, rows, pos = pending
+        done.synchronize()  # recorded one step ago: normally long complete
+        host.index_copy_(1, pos, rows)
+
+
+def flush_kv_writebacks() -> int:
+    """Scatter every pending write-back into its host cache (before reading or saving host caches);
+    returns how many were pending. A no-op without CUDA."""
+    keys = list(_writebacks)
+    for key in keys:
+        _flush(key)
+    return len(keys)
+
+
+@torch.library.custom_op("memopt::kv_offload_prefetch", mutates_args=("slot",))
+def kv_offload_prefetch(slot: Tensor, host: Tensor, layer: int) -> None:
+    _kv_check(slot, host, layer)
+    dst = slot[: host.numel()]
+    if slot.device.type != "cuda" or host.device.type == "cuda":
+        dst.copy_(host.reshape(-1))  # one memory space: a plain copy
+        return
+    _flush(host.data_ptr())  # last step's new rows land on the host before it is read again
+    stream = _side_stream(slot.device)
+    stream.wait_stream(torch.cuda.current_stream(slot.device))  # the slot's previous layer is done
+    with torch.cuda.stream(stream):
+        dst.copy_(host.view(-1), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    _pending[(slot.device, slot.data_ptr())] = done
+
+
+@kv_offload_prefetch.register_fake
+def _(slot, host, layer):
+    return None
+
+
+@torch.library.custom_op("memopt::kv_offload_wait", mutates_args=("slot",))
+def kv_offload_wait(slot: Tensor, host: Tensor, layer: int) -> None:
+    done = _pending.pop((slot.device, slot.data_ptr()), None)
+    if done is not None:
+        torch.cuda.current_stream(slot.device).wait_event(done)
+
+
+@kv_offload_wait.register_fake
+def _(slot, host, layer):
+    return None
+
+
+@torch.library.custom_op("memopt::kv_offload_writeback", mutates_args=("host",))
+def kv_offload_writeback(host: Tensor, slot: Tensor, pos: Tensor, layer: int) -> None:
+    _kv_check(slot, host, layer)
+    cache = slot[: host.numel()].view(host.shape)
+    if slot.device.type != "cuda" or host.device.type == "cuda":
+        host.index_copy_(1, pos.to(host.device), cache.index_select(1, pos.to(cache.device)))
+        return
+    _flush(host.data_ptr())
+    stream = _side_stream(slot.device)
+    stream.wait_stream(torch.cuda.current_stream(slot.device))  # the new rows are in the slot
+    with torch.cuda.stream(stream):
+        pos_dev = pos.to(slot.device, non_blocking=True)
+        rows = cache.index_select(1, pos_dev)
+        rows_host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+        pos_host = torch.empty(pos_dev.shape, dtype=pos_dev.dtype, pin_memory=True)
+        rows_host.copy_(rows, non_blocking=True)
+        pos_host.copy_(pos_dev, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    _writebacks[host.data_ptr()] = (done, host, rows_host, pos_host)
+
+
+@kv_offload_writeback.register_fake
+def _(host, slot, pos, layer):
+    return None
+
+
+KV_PREFETCH = torch.ops.memopt.kv_offload_prefetch.default
+KV_WAIT = torch.ops.memopt.kv_offload_wait.default
+KV_WRITEBACK = torch.ops.memopt.kv_offload_writeback.default

@@ -13,16 +13,20 @@ K % 16 == 0 (it returns garbage or crashes for other K), else a tile-wise dequan
 temporary fp weight is at most 4M elements. With `act_int8=True` the activations are quantized per
 row on the fly and multiplied with `torch._int_mm` (int32 accumulation): W8A8-dynamic, the fastest
 path at every M, but it adds activation error. int4 uses `aten._weight_int4pack_mm_for_cpu` (bf16
-activations) for up to 128 rows when N % 16 == 0: its layout is derived from the canonical bytes on
-first use and cached on the `packed` tensor (as many bytes again as `packed`, so resident int4
-weights are 2x their stored size on this path); its dequantization is (q - 8) * scale + zero', so
-zero' = (8 - zeros) * scales. Larger M (prefill, batches) uses the tile-wise reference, which runs at
-fp32 speed there. CUDA and every other case: the tile-wise reference.
+activations) for up to 128 rows when N % 64 == 0. Its weight layout is a byte shuffle of the canonical
+one of the same size (per block of 64 rows, byte [k, j] = q[j, k] | q[j + 32, k] << 4), so on first
+use `packed` is rewritten *in place* into it and tagged (`_memopt_int4_kernel`): one copy stays
+resident, never two. Every reader here accepts either layout; `canonical_int4_layout(module)` turns
+tagged buffers back before saving or exporting (artifacts and ONNX store the canonical layout). Its
+dequantization is (q - 8) * scale + zero', so zero' = (8 - zeros) * scales (a small `[K/g, N, 2]`
+bf16 table cached on `packed`, 4 bytes per group). Larger M (prefill, batches) uses the tile-wise
+reference, which runs at fp32 speed there. CUDA and every other case: the tile-wise reference.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -30,6 +34,8 @@ from torch import Tensor
 _TILE_ELEMS = 1 << 22  # weight elements dequantized at a time on the reference path (16 MiB in fp32)
 _INT8PACK_MAX_ROWS = 16
 _INT4_KERNEL_MAX_ROWS = 128
+_KERNEL_BLOCK_N = 64  # rows per block of the CPU int4 kernel layout
+_KERNEL_TAG = "_memopt_int4_kernel"
 _CLIP_RATIOS = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8)
 
 
@@ -102,16 +108,109 @@ def quantize_int4_groups(w: Tensor, group_size: int, clip_search: bool = True) -
 
 def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                     dtype: torch.dtype = torch.float32) -> Tensor:
+    """`packed` in the canonical layout, or a whole buffer in the CPU kernel layout (see module doc)."""
     n = packed.shape[0]
-    w = unpack_int4(packed).reshape(n, -1, group_size).to(dtype)
+    w = _unpack_any(packed).reshape(n, -1, group_size).to(dtype)
     return w.sub_(zeros.to(dtype)[..., None]).mul_(scales.to(dtype)[..., None]).reshape(n, -1)
 
 
+# ---------------------------------------------------------------- CPU kernel layout (in place)
+def _kernel_from_q(q: Tensor) -> Tensor:
+    """uint8 values `[N, K]` (N % 64 == 0) -> the CPU kernel's bytes, shaped `[N, K/2]`."""
+    n, k = q.shape
+    blk = q.reshape(n // _KERNEL_BLOCK_N, 2, _KERNEL_BLOCK_N // 2, k)
+    return (blk[:, 0] | (blk[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
+
+
+def _q_from_kernel(kernel_w: Tensor) -> Tensor:
+    """Inverse of `_kernel_from_q`: `[N, K/2]` kernel bytes -> uint8 values `[N, K]`."""
+    n, k = kernel_w.shape[0], kernel_w.shape[1] * 2
+    b = kernel_w.reshape(n // _KERNEL_BLOCK_N, k, _KERNEL_BLOCK_N // 2).transpose(1, 2)
+    return torch.stack([b & 15, b >> 4], dim=1).reshape(n, k)
+
+
+def _is_kernel_layout(packed: Tensor) -> bool:
+    tag = getattr(packed, _KERNEL_TAG, None)
+    return tag is not None and tag[0] == packed._version
+
+
+def _unpack_any(packed: Tensor) -> Tensor:
+    return _q_from_kernel(packed) if _is_kernel_layout(packed) else unpack_int4(packed)
+
+
+_LAYOUT_CHECKED: list[bool] = []
+
+
+def _layout_matches_aten() -> bool:
+    """Once per process: does `_kernel_from_q` equal `aten._convert_weight_to_int4pack_for_cpu` here?"""
+    if not _LAYOUT_CHECKED:
+        q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        _LAYOUT_CHECKED.append(ref.shape == (128, 32) and torch.equal(ref, _kernel_from_q(q.to(torch.uint8))))
+    return _LAYOUT_CHECKED[0]
+
+
+def _to_kernel_layout_(packed: Tensor) -> None:
+    """Rewrite canonical `packed` in place into the kernel layout, 64 rows at a time, and tag it."""
+    with torch.no_grad():
+        for i in range(0, packed.shape[0], _KERNEL_BLOCK_N):
+            rows = packed[i:i + _KERNEL_BLOCK_N]
+            rows.copy_(_kernel_from_q(unpack_int4(rows)))
+    setattr(packed, _KERNEL_TAG, (packed._version,))
+
+
+def _to_canonical_layout_(packed: Tensor) -> None:
+    with torch.no_grad():
+        for i in range(0, packed.shape[0], _KERNEL_BLOCK_N):
+            rows = packed[i:i + _KERNEL_BLOCK_N]
+            rows.copy_(pack_int4(_q_from_kernel(rows)))
+    delattr(packed, _KERNEL_TAG)
+    for attr in ("_memopt_cpu_int4_sz",):
+        if hasattr(packed, attr):
+            delattr(packed, attr)
+
+
+def canonicalize_int4_(tensors) -> int:
+    """Put every int4 buffer among `tensors` that the CPU kernel rewrote back into the canonical layout
+    (what artifacts and ONNX store); the kernel re-derives its layout in place on its next call.
+    Returns how many were converted."""
+    n = 0
+    for t in tensors:
+        if isinstance(t, Tensor) and _is_kernel_layout(t):
+            _to_canonical_layout_(t)
+            n += 1
+    return n
+
+
+@contextmanager
+def canonical_int4_layout(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the block every int4 buffer of `module` holds the canonical layout."""
+    canonicalize_int4_(list(module.buffers()) + list(module.parameters()))
+    yield module
+
+
+def _cpu_int4_layout(packed: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(`packed` itself, in the kernel layout, and the `[K/g, N, 2]` bf16 scales-and-zeros), or None when
+    the kernel cannot be used. Converts `packed` in place on first use (one resident copy)."""
+    if packed.shape[0] % _KERNEL_BLOCK_N or not _layout_matches_aten():
+        return None
+    if not _is_kernel_layout(packed):
+        _to_kernel_layout_(packed)
+    cached = getattr(packed, "_memopt_cpu_int4_sz", None)
+    key = (scales._version, zeros._version)
+    if cached is not None and cached[0] == key and cached[1].shape[1] == packed.shape[0]:
+        return packed, cached[1]
+    s = scales.float()
+    sz = torch.stack([s.t(), ((8.0 - zeros.float()) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+    packed._memopt_cpu_int4_sz = (key, sz)
+    return packed, sz
+
+
 # ---------------------------------------------------------------- kernels
-def _tiled_linear(x2: Tensor, n: int, dequant_rows, bias: Optional[Tensor]) -> Tensor:
+def _tiled_linear(x2: Tensor, n: int, dequant_rows, bias: Optional[Tensor], row_multiple: int = 1) -> Tensor:
     """y = x2 @ W.T + bias with W dequantized at most `_TILE_ELEMS` elements at a time (never whole
-    when larger), so the temporary fp weight stays small."""
-    rows = max(1, _TILE_ELEMS // max(x2.shape[1], 1))
+    when larger; tiles of whole `row_multiple`-row blocks), so the temporary fp weight stays small."""
+    rows = max(row_multiple, _TILE_ELEMS // max(x2.shape[1], 1) // row_multiple * row_multiple)
     b = None if bias is None else bias.to(x2.dtype)
     if n <= rows:
         return torch.nn.functional.linear(x2, dequant_rows(0, n), b)
@@ -128,19 +227,6 @@ def _int8_dynamic_mm(x2: Tensor, qweight: Tensor, scales: Tensor) -> Tensor:
     xs = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
     xq = torch.round(xf / xs).clamp_(-127, 127).to(torch.int8)
     return (torch._int_mm(xq, qweight.t()).float() * xs * scales.float()).to(x2.dtype)
-
-
-def _cpu_int4_layout(packed: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor]:
-    """The CPU kernel's weight layout and `[K/g, N, 2]` bf16 scales-and-zeros, cached on `packed`."""
-    cached = getattr(packed, "_memopt_cpu_int4", None)
-    key = (packed._version, scales._version, zeros._version)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    kernel_w = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).to(torch.int32), 1)
-    s = scales.float()
-    sz = torch.stack([s.t(), ((8.0 - zeros.float()) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
-    packed._memopt_cpu_int4 = (key, kernel_w, sz)
-    return kernel_w, sz
 
 
 def _linear_out(x: Tensor, y2: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -183,14 +269,21 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_
     """
     n, k = packed.shape[0], packed.shape[1] * 2
     x2 = x.reshape(-1, k)
-    if x.device.type == "cpu" and n % 16 == 0 and x2.shape[0] <= _INT4_KERNEL_MAX_ROWS:
-        kernel_w, sz = _cpu_int4_layout(packed, scales, zeros)
+    layout = None
+    if x.device.type == "cpu" and x2.shape[0] <= _INT4_KERNEL_MAX_ROWS:
+        layout = _cpu_int4_layout(packed, scales, zeros)
+    if layout is not None:
         y2 = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            x2.to(torch.bfloat16).contiguous(), kernel_w, group_size, sz).to(x.dtype)
+            x2.to(torch.bfloat16).contiguous(), layout[0], group_size, layout[1]).to(x.dtype)
     else:
+        kernel = _is_kernel_layout(packed)
+
         def rows(i, j):
-            return dequantize_int4(packed[i:j], scales[i:j], zeros[i:j], group_size, x.dtype)
-        y2 = _tiled_linear(x2, n, rows, bias)
+            q = _q_from_kernel(packed[i:j]) if kernel else unpack_int4(packed[i:j])
+            w = q.reshape(j - i, -1, group_size).to(x.dtype)
+            w = w.sub_(zeros[i:j].to(x.dtype)[..., None]).mul_(scales[i:j].to(x.dtype)[..., None])
+            return w.reshape(j - i, -1)
+        y2 = _tiled_linear(x2, n, rows, bias, _KERNEL_BLOCK_N if kernel else 1)
         bias = None
     if outlier_idx is not None and outlier_weight is not None:
         y2 = y2 + x2.index_select(1, outlier_idx) @ outlier_weight.to(x.dtype).t()
@@ -221,5 +314,5 @@ def _(qweight, scales, indices):
 __all__ = [
     "quantize_int8_rows", "dequantize_int8", "pack_int4", "unpack_int4", "int4_group_params",
     "quantize_int4_values", "quantize_int4_groups", "dequantize_int4",
-    "linear_int8", "linear_int4", "embedding_int8",
+    "linear_int8", "linear_int4", "embedding_int8", "canonical_int4_layout",
 ]

@@ -56,6 +56,7 @@ def resident_bytes(module) -> int:
 
 
 def main() -> None:
+    torch.set_num_threads(1)  # 2 shared cores: one thread keeps the step time steady
     torch.manual_seed(0)
     bw = copy_bandwidth()
     target = f"custom:mem=64GiB,bw={bw / 1e9:.1f}GB/s,host=1GB/s,name=this-cpu"
@@ -105,8 +106,8 @@ Memory: the prediction counts weights as stored (packed values, scales, zeros), 
 compressed buffers hold it, and the arena the plan reserves for prefill activations at {CONTEXT} tokens; `generate`
 runs one token per graph call, whose transients are small next to that arena. Time: the roofline model
 predicts a bandwidth-bound step (bytes read / bandwidth); on a CPU the per-op dispatch of a 30-layer graph
-and the unpacking of quantized weights and cache dominate a 135M model's step, so the measured step is far
-slower than the prediction: the time model is not validated here. On a GPU (none lent to this project
+and the unpacking of quantized weights and cache weigh on a 135M model's step, so the measured step is slower
+than the bandwidth-bound prediction (ratio in the table): the time model is not validated here. On a GPU (none lent to this project
 yet) the same check uses `torch.cuda.max_memory_allocated`.
 """
     write("budget_measured.md", text)

@@ -111,11 +111,16 @@ def test_budget_plan_with_16_bit_kv_generates_one_token_per_call():
     assert torch.equal(result.module.generate(prompt, 4), want)
 
 
-def test_offload_kv_generates_the_same_tokens():
+def test_offload_kv_generates_the_same_tokens(tmp_path):
+    import memopt
+
     prompt = torch.tensor([[5, 17, 99, 4, 8, 21]])
     base = compile_model("demo", seq=32, passes=())
     off = compile_model("demo", seq=32, passes=(), offload_kv=[0, "layers.[2-3]"])
     assert "kv_offload" in off.plan.pass_configs
     names = [n for n, _ in off.module.generator.named_buffers()]
     assert any("_memopt_offload_host_kv" in n for n in names) and not any(n == "key_cache_0" for n in names)
-    assert torch.equal(off.module.generate(prompt, 6), base.module.generate(prompt, 6))
+    want = base.module.generate(prompt, 6)
+    assert torch.equal(off.module.generate(prompt, 6), want)
+    memopt.save(off.module, tmp_path / "kv-host", programs=off.programs)
+    assert torch.equal(memopt.load(tmp_path / "kv-host").generate(prompt, 6), want)  # the artifact keeps the schedule

@@ -161,11 +161,13 @@ def test_rotations_invert():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [512, 4], ids=["one_chunk", "block_per_chunk"])
 @pytest.mark.parametrize("pre_rope, hadamard", [(True, False), (False, True), (True, True)])
-def test_rotated_store_attends_like_exact_keys_through_the_ring(pre_rope, hadamard):
+def test_rotated_store_attends_like_exact_keys_through_the_ring(pre_rope, hadamard, chunk, monkeypatch):
     """8-bit store of pre-RoPE / Hadamard-rotated keys in a StreamingLLM ring that wraps several times: the
     output must match exact attention over the tokens kept (sinks, the last blocks, the residual), so every
     block is re-rotated at its own position."""
+    monkeypatch.setattr(kv_ops, "CHUNK_TOKENS", chunk)  # `chunk` store tokens dequantized at a time
     torch.manual_seed(6)
     heads, n_rep, d, prompt, steps, scale = 2, 2, 16, 13, 40, 16**-0.5
     sinks, group, residual, blocks = 2, 4, 8, 3
@@ -285,6 +287,19 @@ EXACT = {  # budgets >= the 48-token context: nothing is evicted, so the logits 
     "per_layer": PerLayerKVPolicy(KVCachePolicy(eviction=SnapKVConfig(56, 16), **F32),
                                   {1: KVCachePolicy(eviction=StreamingConfig(0, 48), **F32)}),
 }
+
+
+@pytest.mark.parametrize("name", ["full", "h2o", "think_all_channels", "per_head"])
+def test_store_read_in_chunks_reproduces_the_full_cache(demo_source, demo_decode, name, monkeypatch):
+    """The decode step dequantizes the store a chunk at a time (two passes around one softmax): with chunks of
+    8 tokens over a 48-token context the logits and the eviction scores must not move."""
+    monkeypatch.setattr(kv_ops, "CHUNK_TOKENS", 8)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 1000, (1, 48))
+    with torch.no_grad():
+        want = demo_source.model(ids).logits[:, 19:]
+    got = teacher_forced_logits(compressed(demo_decode, EXACT[name]), ids, 20, model=None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("prefill_with_model", [True, False], ids=["eager_prefill", "graph_prefill"])

@@ -63,33 +63,46 @@ def split_state(layouts: str, state: list[Tensor]) -> list[tuple[Layout, dict[st
 
 
 # ---------------------------------------------------------------- one decode step
+CHUNK_TOKENS = 512  # store tokens dequantized at a time: the step's transient is a chunk, not the layer's cache
+
+
 def attend_group(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor, n: int, scale: float) -> Tensor:
-    """q (batch, heads, n_rep, head_dim); k, v (batch, heads, 1, head_dim) -> (batch, heads, n_rep, head_dim) fp32."""
+    """q (batch, heads, n_rep, head_dim); k, v (batch, heads, 1, head_dim) -> (batch, heads, n_rep, head_dim) fp32.
+
+    The store is read `CHUNK_TOKENS` at a time, twice: keys to logits (a row of scores per token, small), then,
+    after one softmax over every kept token, values into the output. Only a chunk is ever dequantized, so the
+    step's memory beyond the compressed cache stays a chunk's fp32 keys or values, whatever the context."""
     q = q.float()
-    logits, values, spans = [], [], {}
+    logits, segments, spans = [], [], {}  # segments: (length, values for those tokens, on demand)
     ns = min(n, L.sinks)
     if ns:
         logits.append(q @ bufs["sink_k"][:, :, :ns].float().transpose(-1, -2))
-        values.append(bufs["sink_v"][:, :, :ns].float())
+        segments.append((ns, lambda: bufs["sink_v"][:, :, :ns].float()))
     f = L.flushed(n)
     nb = min(f, L.blocks)
     if nb:
-        keys, vals = read_store(L, bufs, nb, f)
         qs = q if L.kept_channels == L.head_dim else q.gather(-1, _channel_index(bufs, q.shape[2]))
-        spans["store"] = (sum(x.shape[-1] for x in logits), keys.shape[2])
-        logits.append(qs @ keys.transpose(-1, -2))
-        values.append(vals)
+        spans["store"] = (sum(x.shape[-1] for x in logits), nb * L.group)
+        step = max(1, CHUNK_TOKENS // L.group)
+        for lo in range(0, nb, step):
+            hi = min(nb, lo + step)
+            logits.append(qs @ read_keys(L, bufs, lo, hi, f).transpose(-1, -2))
+            segments.append(((hi - lo) * L.group, lambda lo=lo, hi=hi: read_values(L, bufs, lo, hi)))
     m = max(0, n - L.sinks)
     first = L.group * f if L.residual else m
     slots = torch.arange(first, m, device=q.device) % max(L.residual, 1)
     if m > first:
         spans["res"] = (sum(x.shape[-1] for x in logits), m - first)
         logits.append(q @ bufs["res_k"][:, :, slots].float().transpose(-1, -2))
-        values.append(bufs["res_v"][:, :, slots].float())
+        segments.append((m - first, lambda: bufs["res_v"][:, :, slots].float()))
     logits.append(q @ k.float().transpose(-1, -2))
-    values.append(v.float())
+    segments.append((1, lambda: v.float()))
     probs = (torch.cat(logits, -1) * scale).softmax(-1)
-    out = probs @ torch.cat(values, 2)
+    out, start = None, 0
+    for length, values in segments:
+        part = probs[..., start : start + length] @ values()
+        out = part if out is None else out.add_(part)
+        start += length
     new_score = None
     if L.scored:
         gain = decode_score_update(probs, L.score)
@@ -183,28 +196,33 @@ def encode_blocks(L: Layout, bufs: dict[str, Tensor], keys: Tensor, vals: Tensor
     return out
 
 
-def read_store(L: Layout, bufs: dict[str, Tensor], nb: int, flushed: int) -> tuple[Tensor, Tensor]:
-    """The first `nb` blocks (of `flushed` so far) as fp32 keys (batch, heads, nb * group, kept_channels),
-    after RoPE, and values (..., head_dim)."""
+def read_keys(L: Layout, bufs: dict[str, Tensor], lo: int, hi: int, flushed: int) -> Tensor:
+    """Store slots `lo..hi-1` (of `flushed` blocks so far) as fp32 keys (batch, heads, (hi - lo) * group,
+    kept_channels), after RoPE."""
     if L.key_bits == 16:
-        keys = bufs["store_k"][:, :, :nb].float()
+        keys = bufs["store_k"][:, :, lo:hi].float()
     else:
-        keys = kivi.dequantize_keys(bufs["store_kq"][:, :, :nb], bufs["store_kscale"][:, :, :nb],
-                                    bufs["store_kzero"][:, :, :nb], L.key_bits)
+        keys = kivi.dequantize_keys(bufs["store_kq"][:, :, lo:hi], bufs["store_kscale"][:, :, lo:hi],
+                                    bufs["store_kzero"][:, :, lo:hi], L.key_bits)
         if L.hadamard:
             keys = keys @ kivi.hadamard_matrix(L.head_dim).to(keys.device)
         if L.pre_rope:
-            slots = torch.arange(nb, device=keys.device)
+            slots = torch.arange(lo, hi, device=keys.device)
             blocks = slots + L.blocks * torch.div(flushed - 1 - slots, L.blocks, rounding_mode="floor")
             keys = kivi.rope(keys, _positions(L, blocks), _inv_freq(L, keys.device))
+    return keys.flatten(2, 3)
+
+
+def read_values(L: Layout, bufs: dict[str, Tensor], lo: int, hi: int) -> Tensor:
+    """Store slots `lo..hi-1` as fp32 values (batch, heads, (hi - lo) * group, head_dim)."""
     if L.value_bits == 16:
-        vals = bufs["store_v"][:, :, :nb].float()
+        vals = bufs["store_v"][:, :, lo:hi].float()
     else:
-        vals = kivi.dequantize_values(bufs["store_vq"][:, :, :nb], bufs["store_vscale"][:, :, :nb],
-                                      bufs["store_vzero"][:, :, :nb], L.value_bits)
+        vals = kivi.dequantize_values(bufs["store_vq"][:, :, lo:hi], bufs["store_vscale"][:, :, lo:hi],
+                                      bufs["store_vzero"][:, :, lo:hi], L.value_bits)
         if L.hadamard:
             vals = vals @ kivi.hadamard_matrix(L.head_dim).to(vals.device)
-    return keys.flatten(2, 3), vals.flatten(2, 3)
+    return vals.flatten(2, 3)
 
 
 def _positions(L: Layout, blocks: Tensor) -> Tensor:

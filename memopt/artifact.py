@@ -204,10 +204,12 @@ def load_program(directory: Path, name: str, weights: dict[str, torch.Tensor]):
     return ep
 
 
-def load(directory: str | os.PathLike):
-    """Load an artifact as an OptimizedModule (with `.generator` for decoders), re-applying the arena."""
-    from memopt.pipeline import OptimizedModule
+def load(directory: str | os.PathLike, device: str | torch.device | None = None):
+    """Load an artifact as an OptimizedModule (with `.generator` for decoders), re-applying the arena;
+    `device` (e.g. "cuda") moves it there, host-offloaded buffers staying in pinned host memory."""
+    from memopt.placement import check_device
 
+    target = check_device(device) if device is not None else None  # a bad device fails before any loading
     directory = Path(directory)
     plan = load_plan(directory)
     if not (directory / "program.pt2").is_file():
@@ -215,14 +217,32 @@ def load(directory: str | os.PathLike):
     import memopt.runtime  # noqa: F401  (registers memopt's custom ops before deserializing)
 
     weights = _read_weights(directory / "weights.safetensors") if (directory / "weights.safetensors").is_file() else {}
-    programs = {}
+    programs = {"program": load_program(directory, "program", weights)}
+    if (directory / "generate.pt2").is_file():
+        programs["generate"] = load_program(directory, "generate", weights)
+    tokenizer = None
+    if (directory / "tokenizer").is_dir():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"), local_files_only=True)
+    module = assemble(plan, programs, tokenizer, {"loaded_from": str(directory)})
+    if target is not None and target != torch.device("cpu"):
+        from memopt.placement import to_device
+
+        module = to_device(module, target)
+    return module
+
+
+def assemble(plan: Plan, programs: dict, tokenizer=None, report: dict | None = None):
+    """An OptimizedModule from exported `programs` ({"program": ep[, "generate": ep]}) and their plan: the
+    arena re-applied to the forward program, the compressed cache's layouts attached to the generator."""
+    from memopt.pipeline import OptimizedModule
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        programs["program"] = load_program(directory, "program", weights)
         gm = programs["program"].module()
         generator = None
-        if (directory / "generate.pt2").is_file():
-            programs["generate"] = load_program(directory, "generate", weights)
+        if "generate" in programs:
             generator = programs["generate"].module()
             kv = plan.pass_configs.get("kv")
             if isinstance(kv, dict) and kv.get("meta"):
@@ -231,11 +251,6 @@ def load(directory: str | os.PathLike):
         from memopt.passes.arena import ArenaPass
 
         gm = ArenaPass()(gm, plan).gm
-    tokenizer = None
-    if (directory / "tokenizer").is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(directory / "tokenizer"), local_files_only=True)
-    module = OptimizedModule(gm, plan, {"loaded_from": str(directory)}, generator=generator, tokenizer=tokenizer)
+    module = OptimizedModule(gm, plan, report or {}, generator=generator, tokenizer=tokenizer)
     module.programs = programs
     return module

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", default=None, metavar="FILE",
                    help="a .safetensors or .pt file of input tensors (default: the compiled example shape, random)")
     p.add_argument("--engine", default="torch", choices=("torch", "onnx"), help="torch (default) or onnx")
+    p.add_argument("--device", default="cpu", help="torch engine: run on this device, e.g. cuda (offloaded "
+                                                   "weights and KV caches stay in pinned host memory)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
 
@@ -167,7 +169,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from memopt.run import run_artifact
 
     summary = run_artifact(args.directory, prompt=args.prompt, inputs=args.inputs, engine=args.engine,
-                           max_new_tokens=args.max_new_tokens)
+                           max_new_tokens=args.max_new_tokens, device=args.device)
     if args.json:
         print(json.dumps(summary, indent=1))
     elif "text" in summary:

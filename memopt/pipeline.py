@@ -60,6 +60,7 @@ class OptimizedModule(nn.Module):
 
         if self.generator is None:
             raise ValueError(f"{self.plan.model} was not compiled as a decoder LM; it has no generation program")
+        input_ids = input_ids.to(_device_of(self.generator))
         eos = kwargs.pop("eos_token_id", getattr(self.tokenizer, "eos_token_id", None))
         if "memopt_kv" in self.generator.meta:  # a compressed cache: prefill and decode one token per call
             from memopt.generate import generate as generate_compressed
@@ -75,6 +76,14 @@ class OptimizedModule(nn.Module):
             raise ValueError(f"{self.plan.model} has no tokenizer; pass token ids to generate() instead")
         new = self.generate(chat_ids(self.tokenizer, prompt), max_new_tokens)
         return self.tokenizer.decode(new[0], skip_special_tokens=True)
+
+
+def _device_of(program: nn.Module) -> torch.device:
+    """Where the program computes: its first tensor not left in host memory by an offload pass."""
+    for name, t in [*program.named_parameters(), *program.named_buffers()]:
+        if "_memopt_offload_host_" not in name:
+            return t.device
+    return torch.device("cpu")
 
 
 @dataclass
@@ -324,6 +333,7 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
         notes += onotes
         if gen is not None:
             gen, _ = _apply(gen, OffloadPass(config), host_plan)
+            _share_offload(captured, gen)
         plan = plan.with_(pass_configs={**plan.pass_configs, "offload": config.to_json() if config else "budget plan"})
     kv_host_plan = budget_plan is not None and any(d.kv_placement == "host" for d in budget_plan.decisions)
     if offload_kv and gen is None:
@@ -415,36 +425,41 @@ def _state_tensors(captured: Captured) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fingerprint(t: torch.Tensor) -> tuple:
-    """Shape, dtype, device and 64 evenly spaced elements: tensors that differ almost always differ here,
-    so `torch.equal` runs on candidates only."""
-    flat = t.detach().reshape(-1)
-    sample = flat[:: max(1, flat.numel() // 64)][:64]
-    return tuple(t.shape), t.dtype, t.device, sample.contiguous().cpu().view(torch.uint8).numpy().tobytes() if sample.numel() else b""
-
-
 def _share_state(src: Captured, dst: Captured) -> int:
-    """Bind `dst`'s weights to `src`'s tensors wherever the two programs hold equal ones, and equal weights
-    inside `dst` to one tensor, so a decoder's forward and generation programs keep one copy of each
-    weight in memory (a budget counts it once). Returns how many of `dst`'s tensors were re-bound."""
-    pool: dict[tuple, list[torch.Tensor]] = {}
-    for t in _state_tensors(src).values():
-        pool.setdefault(_fingerprint(t), []).append(t)
+    """Bind `dst`'s weights to `src`'s tensors of the same name where the two programs hold equal ones, so a
+    decoder's forward and generation programs keep one copy of each weight in memory (a budget counts it
+    once). Only same-named weights: equal tensors of different layers (e.g. norms still at their init) stay
+    apart, as the offload pass needs each block's weights to be its own. Returns how many were re-bound."""
+    mine = _state_tensors(src)
     ep, shared = dst.exported, 0
     for name, t in _state_tensors(dst).items():
-        key = _fingerprint(t)
-        same = next((u for u in pool.get(key, ()) if u is t or torch.equal(u, t)), None)
-        if same is None:
-            pool.setdefault(key, []).append(t)
+        same = mine.get(name)
+        if same is None or same is t or same.shape != t.shape or same.dtype != t.dtype or same.device != t.device \
+                or not torch.equal(same, t):
             continue
-        if same is not t:
-            table = ep.state_dict if name in ep.state_dict else ep.constants
-            # the very tensor object, not a view of it: runtime ops may tag a buffer (the CPU int4 kernel
-            # rewrites its layout in place and marks the tensor), and both programs must see that mark
-            table[name] = same if isinstance(same, nn.Parameter) == isinstance(t, nn.Parameter) else (
-                nn.Parameter(same.detach(), t.requires_grad) if isinstance(t, nn.Parameter) else same.detach())
-            shared += 1
+        table = ep.state_dict if name in ep.state_dict else ep.constants
+        # the very tensor object, not a view of it: runtime ops may tag a buffer (the CPU int4 kernel
+        # rewrites its layout in place and marks the tensor), and both programs must see that mark
+        table[name] = same if isinstance(same, nn.Parameter) == isinstance(t, nn.Parameter) else (
+            nn.Parameter(same.detach(), t.requires_grad) if isinstance(t, nn.Parameter) else same.detach())
+        shared += 1
     return shared
+
+
+def _share_offload(src: Captured, dst: Captured) -> None:
+    """One set of offload buffers for both programs of a decoder: the host copy of each block (read-only,
+    equal in both) and the device staging slots (scratch each program fills before every read; the two
+    programs never run at once), so the device holds the plan's prefetch buffers once, not twice."""
+    theirs = {n: t for n, t in [*src.exported.state_dict.items(), *src.exported.constants.items()]
+              if n.startswith("_memopt_offload_")}
+    ep = dst.exported
+    for table in (ep._state_dict, ep._constants):
+        for name, t in list(table.items()):
+            other = theirs.get(name)
+            if other is None or other.shape != t.shape or other.dtype != t.dtype or other.device != t.device:
+                continue
+            if name.startswith("_memopt_offload_slot") or torch.equal(other, t):
+                table[name] = other
 
 
 def _input_specs(src: ModelSource, args: tuple) -> tuple:

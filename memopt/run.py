@@ -58,18 +58,18 @@ def _describe(outputs) -> dict:
 
 
 def run_artifact(directory: str, *, prompt: str | None = None, inputs: str | None = None, engine: str = "torch",
-                 max_new_tokens: int = 48) -> dict:
+                 max_new_tokens: int = 48, device: str = "cpu") -> dict:
     directory_p = Path(directory)
     plan = load_plan(directory_p)
     if prompt is not None:
         if engine != "torch":
             raise ValueError("--prompt runs the generation program with --engine torch; ONNX runs the forward program")
-        module = load(directory_p)
+        module = load(directory_p, device=device)
         if module.generator is None:
             raise ValueError(f"{plan.model} is not a decoder LM; run it with --inputs FILE instead of --prompt")
         t0 = time.perf_counter()
         text = module.chat(prompt, max_new_tokens=max_new_tokens)
-        return {"model": plan.model, "prompt": prompt, "text": text, "engine": "torch",
+        return {"model": plan.model, "prompt": prompt, "text": text, "engine": "torch", "device": device,
                 "seconds": time.perf_counter() - t0}
     args = _read_inputs(inputs) if inputs else _example_inputs(plan, directory_p)
     t0 = time.perf_counter()
@@ -78,5 +78,6 @@ def run_artifact(directory: str, *, prompt: str | None = None, inputs: str | Non
 
         outputs = run_onnx(directory_p / "model.onnx", args)
     else:
-        outputs = load(directory_p)(*args)
+        module = load(directory_p, device=device)
+        outputs = module(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
     return {"model": plan.model, "engine": engine, "outputs": _describe(outputs), "seconds": time.perf_counter() - t0}

@@ -42,14 +42,15 @@ def generate(generator, input_ids: torch.Tensor, max_new_tokens: int = 32, *, eo
     prefill_chunk = tokens_per_call(generator) or prefill_chunk
     for start in range(0, input_ids.shape[1], prefill_chunk):
         chunk = input_ids[:, start:start + prefill_chunk]
-        logits = generator(input_ids=chunk, cache_position=torch.arange(start, start + chunk.shape[1]))
+        logits = generator(input_ids=chunk, cache_position=torch.arange(start, start + chunk.shape[1],
+                                                                        device=input_ids.device))
     pos, out = input_ids.shape[1], []
     for _ in range(max_new_tokens):
         token = logits[:, -1].argmax(-1, keepdim=True)
         out.append(token)
         if eos and all(int(t) in eos for t in token[:, 0]):
             break
-        logits = generator(input_ids=token, cache_position=torch.tensor([pos]))
+        logits = generator(input_ids=token, cache_position=torch.tensor([pos], device=input_ids.device))
         pos += 1
     return torch.cat(out, dim=1) if out else input_ids[:, :0]
 

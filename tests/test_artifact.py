@@ -176,3 +176,42 @@ def test_compressed_kv_generation_round_trip(tmp_path):
 def test_bad_kv_policy_fails_before_capture():
     with pytest.raises(ValueError, match="residual"):
         compile_model("demo", seq=16, kv="kivi:k4v2:g32:r16")
+
+
+def test_to_device_keeps_outputs_shared_weights_and_host_buffers():
+    """`memopt.placement.to_device` (here to the CPU it is already on: the moves are real calls, the
+    results must not change) keeps one copy of each shared weight and leaves offloaded buffers on the host."""
+    from memopt.placement import to_device
+
+    r = compile_model("demo", seq=32, quantize="int4:g32", offload=["model.layers.1"], offload_kv=[0])
+    ids, prompt = r.captured.example_inputs[0], torch.tensor([[5, 17, 99, 4]])
+    want, want_gen = r.module(ids), r.module.generate(prompt, 5)
+    moved = to_device(r.module, "cpu")
+    assert torch.equal(moved(ids), want) and torch.equal(moved.generate(prompt, 5), want_gen)
+    fwd, gen = dict(moved.gm.named_buffers()), dict(moved.generator.named_buffers())
+    shared = [n for n in fwd if n in gen and n.endswith("_q")]
+    assert shared and all(fwd[n] is gen[n] for n in shared)
+    assert "_memopt_offload_host_kv0" in gen
+    with pytest.raises(ValueError, match="'bogus' is not a torch device"):
+        to_device(r.module, "bogus")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_load_on_cuda_fits_the_budget(tmp_path):
+    """A budget plan on the GPU: measured peak (torch.cuda.max_memory_allocated) within the budget."""
+    from memopt.measure import cuda_peak_bytes
+    from memopt.units import parse_bytes
+
+    r = compile_model("demo", seq=64, budget="3MiB", target="custom:mem=4GiB,bw=100GB/s")
+    out = save(r.module, tmp_path / "fit", programs=r.programs)
+    prompt = torch.tensor([[5, 17, 99, 4]])
+    want = r.module.generate(prompt, 6)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    module = load(out, device="cuda")
+    got = module.generate(prompt.cuda(), 6)
+    assert torch.equal(got.cpu(), want)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert peak <= parse_bytes("3MiB"), f"measured {peak} bytes on the GPU, budget 3 MiB"
+    assert cuda_peak_bytes(lambda: module.generate(prompt.cuda(), 2)) >= 0

@@ -124,3 +124,18 @@ def test_offload_kv_generates_the_same_tokens(tmp_path):
     assert torch.equal(off.module.generate(prompt, 6), want)
     memopt.save(off.module, tmp_path / "kv-host", programs=off.programs)
     assert torch.equal(memopt.load(tmp_path / "kv-host").generate(prompt, 6), want)  # the artifact keeps the schedule
+
+
+def test_decoder_programs_share_offload_slots_and_keep_blocks_apart():
+    """Weight offload in both programs of a decoder: one set of device staging slots, and each block keeps
+    its own weights (equal norms of different layers are not merged, or the block could not move)."""
+    kw = dict(seq=32, quantize="int4:g32")
+    off = compile_model("demo", offload=["model.layers.1", "model.layers.2"], **kw)
+    ref = compile_model("demo", **kw)
+    fwd, gen = dict(off.module.gm.named_buffers()), dict(off.module.generator.named_buffers())
+    slots = [n for n in gen if n.startswith("_memopt_offload_slot")]
+    assert len(slots) == 2 and all(gen[n] is fwd[n] for n in slots)
+    assert {"_memopt_offload_host_model_model_layers_1", "_memopt_offload_host_model_model_layers_2"} <= set(gen)
+    prompt, ids = torch.tensor([[5, 17, 99, 4]]), off.captured.example_inputs[0]
+    assert torch.equal(off.module.generate(prompt, 6), ref.module.generate(prompt, 6))
+    assert torch.equal(off.module(ids), ref.module(ids))

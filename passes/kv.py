@@ -108,19 +108,28 @@ class KVCompressionPass(Pass):
         return PerLayerKVPolicy(KVCachePolicy(), layers)
 
 
-def find_cache_sites(gm) -> list[CacheSite]:
-    """Every layer whose cache buffers are written by index_copy_ and read only by one attention."""
+def cache_updates(gm) -> dict[int, dict[str, torch.fx.Node]]:
+    """layer -> {"key": node, "value": node}: the index_copy_ nodes that write each layer's static-cache
+    buffers (`key_cache_<i>`, `value_cache_<i>`); a layer with only one of the two is an error."""
     copies: dict[int, dict[str, torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is INDEX_COPY and node.args[0].op == "get_attr":
             match = CACHE_NAME.match(node.args[0].target)
             if match:
                 copies.setdefault(int(match.group(2)), {})[match.group(1)] = node
+    for layer, pair in copies.items():
+        if set(pair) != {"key", "value"}:
+            raise ValueError(f"layer {layer}: found only the {sorted(pair)} cache update; memopt expects "
+                             "transformers' static-cache decode graph")
+    return copies
+
+
+def find_cache_sites(gm) -> list[CacheSite]:
+    """Every layer whose cache buffers are written by index_copy_ and read only by one attention."""
+    copies = cache_updates(gm)
     sites = []
     for layer in sorted(copies):
         pair = copies[layer]
-        if set(pair) != {"key", "value"}:
-            raise ValueError(f"layer {layer}: found only the {sorted(pair)} cache update")
         k_sdpa, k_chain = _attention_user(pair["key"], layer)
         v_sdpa, v_chain = _attention_user(pair["value"], layer)
         if k_sdpa is not v_sdpa:

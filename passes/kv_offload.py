@@ -28,7 +28,6 @@ left on the device (caches kept there plus staging slots).
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import asdict, dataclass
 
@@ -37,15 +36,14 @@ from torch import fx
 
 from memopt.analysis import BLOCK_NAME
 from memopt.passes.base import Pass, PassResult
-from memopt.passes.offload import HOST_PREFIX, Transfer, check_schedule
+from memopt.passes.kv import cache_updates
+from memopt.passes.offload import HOST_PREFIX, Transfer, _matches, _name, _scope, check_schedule
 from memopt.runtime.offload_ops import KV_PREFETCH, KV_WAIT, KV_WRITEBACK
 from memopt.units import fmt_bytes
 
 CONFIG_VERSION = 1
 KV_HOST_PREFIX = HOST_PREFIX + "kv"
 KV_SLOT_PREFIX = "_memopt_offload_kv_cache_slot"
-INDEX_COPY = torch.ops.aten.index_copy_.default
-CACHE_NAME = re.compile(r"^(key|value)_cache_(\d+)$")
 KV_NAME = re.compile(r"(key|value)_cache|kv_cache")
 _KV_OPS = (KV_PREFETCH, KV_WAIT, KV_WRITEBACK)
 
@@ -104,32 +102,14 @@ class KVSite:
 
 
 # ---------------------------------------------------------------- finding and selecting layers
-def _scope(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
 def find_kv_sites(gm: fx.GraphModule) -> list[KVSite]:
     """Layers whose `key_cache_i` / `value_cache_i` buffers are updated by index_copy_, in graph order."""
-    copies: dict[int, dict[str, fx.Node]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is INDEX_COPY and node.args[0].op == "get_attr":
-            m = CACHE_NAME.match(node.args[0].target)
-            if m:
-                copies.setdefault(int(m.group(2)), {})[m.group(1)] = node
     sites = []
-    for layer, pair in copies.items():
-        if set(pair) != {"key", "value"}:
-            raise ValueError(f"layer {layer}: found only the {sorted(pair)} cache update; KVOffloadPass expects "
-                             "transformers' static-cache decode graph")
+    for layer, pair in cache_updates(gm).items():
         m = BLOCK_NAME.match(_scope(pair["key"]))
         sites.append(KVSite(layer, m.group(1) if m else f"layer.{layer}", (pair["key"], pair["value"])))
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(sites, key=lambda s: min(pos[c] for c in s.copies))
-
-
-def _matches(block: str, pattern: str) -> bool:
-    return fnmatch.fnmatchcase(block, pattern) or fnmatch.fnmatchcase(block, "*." + pattern)
 
 
 def select_layers(sites: list[KVSite], config: KVOffloadConfig, plan) -> tuple[list[KVSite], list[str]]:
@@ -363,10 +343,6 @@ def kv_transfer_schedule(gm: fx.GraphModule) -> list[KVTransfer]:
                               _next_op(nodes, issue), _next_op(nodes, wait), _name(nodes, first), _name(nodes, last),
                               issue, wait, first, last, layer, _name(nodes, wb), wb, max(t["writes"], default=-1)))
     return sorted(out, key=lambda t: t.issue_index)
-
-
-def _name(nodes: list[fx.Node], i: int) -> str:
-    return nodes[i].name if 0 <= i < len(nodes) else "<missing>"
 
 
 def _next_op(nodes: list[fx.Node], i: int) -> str:

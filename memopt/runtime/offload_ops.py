@@ -56,20 +56,33 @@ def _check(slot: Tensor, host: Tensor, slot_index: int) -> None:
         raise ValueError(f"offload slot {slot_index} holds {slot.numel()} bytes, the block needs {host.numel()}")
 
 
-@torch.library.custom_op("memopt::offload_prefetch", mutates_args=("slot",))
-def offload_prefetch(slot: Tensor, host: Tensor, slot_index: int) -> None:
-    _check(slot, host, slot_index)
+def _start_copy(slot: Tensor, host: Tensor) -> None:
+    """Copy `host` (flat) into the front of `slot`: a plain copy in one memory space (CPU-only, or a tensor
+    already on the device), else on the side stream once the slot's previous reader is done, recording the
+    event `_wait` makes the compute stream wait on."""
     dst = slot[: host.numel()]
     if slot.device.type != "cuda" or host.device.type == "cuda":
-        dst.copy_(host)  # same memory space (CPU-only, or a block already on the device): a plain copy
+        dst.copy_(host.reshape(-1))
         return
     stream = _side_stream(slot.device)
-    stream.wait_stream(torch.cuda.current_stream(slot.device))  # the slot's previous block has been read
+    stream.wait_stream(torch.cuda.current_stream(slot.device))  # the slot's previous contents have been read
     with torch.cuda.stream(stream):
-        dst.copy_(host, non_blocking=True)  # async only from pinned memory; pageable memory copies in sync
+        dst.copy_(host.view(-1), non_blocking=True)  # async only from pinned memory; pageable copies in sync
         done = torch.cuda.Event()
         done.record(stream)
     _pending[(slot.device, slot.data_ptr())] = done
+
+
+def _wait(slot: Tensor) -> None:
+    done = _pending.pop((slot.device, slot.data_ptr()), None)
+    if done is not None:
+        torch.cuda.current_stream(slot.device).wait_event(done)
+
+
+@torch.library.custom_op("memopt::offload_prefetch", mutates_args=("slot",))
+def offload_prefetch(slot: Tensor, host: Tensor, slot_index: int) -> None:
+    _check(slot, host, slot_index)
+    _start_copy(slot, host)
 
 
 @offload_prefetch.register_fake
@@ -79,9 +92,7 @@ def _(slot, host, slot_index):
 
 @torch.library.custom_op("memopt::offload_wait", mutates_args=("slot",))
 def offload_wait(slot: Tensor, host: Tensor, slot_index: int) -> None:
-    done = _pending.pop((slot.device, slot.data_ptr()), None)
-    if done is not None:
-        torch.cuda.current_stream(slot.device).wait_event(done)
+    _wait(slot)
 
 
 @offload_wait.register_fake
@@ -124,18 +135,8 @@ def flush_kv_writebacks() -> int:
 @torch.library.custom_op("memopt::kv_offload_prefetch", mutates_args=("slot",))
 def kv_offload_prefetch(slot: Tensor, host: Tensor, layer: int) -> None:
     _kv_check(slot, host, layer)
-    dst = slot[: host.numel()]
-    if slot.device.type != "cuda" or host.device.type == "cuda":
-        dst.copy_(host.reshape(-1))  # one memory space: a plain copy
-        return
-    _flush(host.data_ptr())  # last step's new rows land on the host before it is read again
-    stream = _side_stream(slot.device)
-    stream.wait_stream(torch.cuda.current_stream(slot.device))  # the slot's previous layer is done
-    with torch.cuda.stream(stream):
-        dst.copy_(host.view(-1), non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-    _pending[(slot.device, slot.data_ptr())] = done
+    _flush(host.data_ptr())  # last step's new rows land on the host before it is read again (CUDA only)
+    _start_copy(slot, host)
 
 
 @kv_offload_prefetch.register_fake
@@ -145,9 +146,7 @@ def _(slot, host, layer):
 
 @torch.library.custom_op("memopt::kv_offload_wait", mutates_args=("slot",))
 def kv_offload_wait(slot: Tensor, host: Tensor, layer: int) -> None:
-    done = _pending.pop((slot.device, slot.data_ptr()), None)
-    if done is not None:
-        torch.cuda.current_stream(slot.device).wait_event(done)
+    _wait(slot)
 
 
 @kv_offload_wait.register_fake

@@ -21,8 +21,11 @@ import torch
 import memopt.runtime.dfloat11 as df11
 from memopt.passes.base import Pass, PassResult
 from memopt.passes.quant_config import LosslessConfig
-from memopt.passes.quantize import (_delete_attr, _delete_weight, _getattr, _matches, _replace, _set_buffer,
-                                    weight_sites)
+from memopt.passes.quantize import (ReusedWeights, _delete_attr, _delete_weight, _getattr, _matches, _replace,
+                                    _set_buffer, weight_sites)
+
+# buffer `<weight FQN>_<suffix>` -> the part of df11.encode_bf16's output it holds
+_PARTS = {"sm": "sign_mantissa", "stream": "stream", "offsets": "block_offsets", "codes": "code_lengths"}
 
 
 class LosslessPass(Pass):
@@ -32,13 +35,14 @@ class LosslessPass(Pass):
     name = "lossless"
 
     def __init__(self, config: LosslessConfig | None = None, include: Sequence[str] = ("*",),
-                 skip: Sequence[str] = (), use_plan: bool = False):
+                 skip: Sequence[str] = (), use_plan: bool = False, reuse: torch.nn.Module | None = None):
         if config is not None and not isinstance(config, LosslessConfig):
             raise ValueError(f"LosslessPass takes a LosslessConfig, got {config!r}")
         if isinstance(include, str) or isinstance(skip, str):
             raise ValueError(f"include and skip take a sequence of names/patterns, got {include!r} / {skip!r}")
         self.config = config or LosslessConfig()
         self.include, self.skip, self.use_plan = tuple(include), tuple(skip), use_plan or config is None
+        self.reuse = reuse  # a module already compressed from the same weights: its tensors are taken
 
     def _selected(self, sites, plan) -> list:
         if self.use_plan and plan is not None and getattr(plan, "decisions", ()):
@@ -50,6 +54,7 @@ class LosslessPass(Pass):
         sites, notes = weight_sites(gm)
         cfg, done = self.config, []
         record = gm.meta.setdefault("memopt_weights", {})
+        reused = ReusedWeights(self.reuse)
         for s in self._selected(sites, plan):
             w = _getattr(gm, s.target)
             if w.dtype != torch.bfloat16 or w.dim() != 2:
@@ -59,11 +64,14 @@ class LosslessPass(Pass):
             if s.embeddings and not cfg.embeddings:
                 notes.append(f"kept {s.layer}: embeddings=False")
                 continue
-            parts = df11.encode_bf16(w.detach(), cfg.block_size, cfg.max_code_bits)
+            given = reused.get(s, "lossless", tuple(_PARTS), required=tuple(_PARTS))
+            if given is not None:
+                parts = {key: given[suffix] for suffix, key in _PARTS.items()}
+            else:
+                parts = df11.encode_bf16(w.detach(), cfg.block_size, cfg.max_code_bits)
             nodes, anchor = [], s.attr
-            for suffix, key in (("_sm", "sign_mantissa"), ("_stream", "stream"), ("_offsets", "block_offsets"),
-                                ("_codes", "code_lengths")):
-                anchor = _set_buffer(gm, s.target + suffix, parts[key].to(w.device), anchor)
+            for suffix, key in _PARTS.items():
+                anchor = _set_buffer(gm, f"{s.target}_{suffix}", parts[key].to(w.device), anchor)
                 nodes.append(anchor)
             for lin in s.linears:
                 bias = lin.args[2] if len(lin.args) > 2 else None

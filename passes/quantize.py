@@ -184,11 +184,12 @@ class QuantizePass(Pass):
         from memopt.passes.lossless import LosslessPass
 
         if isinstance(self.config, LosslessConfig):
-            return LosslessPass(self.config, self.include, self.skip)(gm, plan)
+            return LosslessPass(self.config, self.include, self.skip, reuse=self.reuse)(gm, plan)
         sites, notes = weight_sites(gm)
         configs = self._configs(sites, plan)
         lossless = [s.target for s in sites if isinstance(configs.get(s.target), LosslessConfig)]
-        todo, stats_nodes = [], []
+        todo, stats_nodes, given = [], [], {}
+        reused = ReusedWeights(self.reuse)
         for s in sites:
             cfg = configs.get(s.target)
             if cfg is None or isinstance(cfg, LosslessConfig):
@@ -198,14 +199,15 @@ class QuantizePass(Pass):
                 notes.append(f"kept {s.layer}: {why}")
                 continue
             todo.append((s, cfg))
-            if isinstance(cfg, Int4WeightConfig) and cfg.needs_calibration and _reused(self.reuse, s, cfg) is None:
+            given[s.target] = reused.get(s, _site_format(s, cfg), INT_SUFFIXES, required=("q", "scale"))
+            if isinstance(cfg, Int4WeightConfig) and cfg.needs_calibration and given[s.target] is None:
                 stats_nodes += [n.name for n in s.linears]
         stats = self._calibrate(gm, todo, stats_nodes)
         record = gm.meta.setdefault("memopt_weights", {})
         for s, cfg in todo:
             w = _getattr(gm, s.target).detach()
-            given = _reused(self.reuse, s, cfg)
-            fmt = _rewrite_site(gm, s, cfg, w, _merge([stats[n.name] for n in s.linears if n.name in stats]), given)
+            fmt = _rewrite_site(gm, s, cfg, w, _merge([stats[n.name] for n in s.linears if n.name in stats]),
+                                given[s.target])
             record[s.layer] = {"weight": s.target, "format": fmt, "fp_bytes": w.nbytes,
                                "bytes": _site_bytes(gm, s.target)}
             _delete_weight(gm, s)
@@ -216,7 +218,7 @@ class QuantizePass(Pass):
             q = sum(record[s.layer]["bytes"] for s, _ in todo)
             notes.insert(0, f"quantized {len(todo)} weights: {fp / 2**20:.2f} MiB -> {q / 2**20:.2f} MiB")
         if lossless:
-            sub = LosslessPass(configs[lossless[0]], include=lossless)(gm, None)
+            sub = LosslessPass(configs[lossless[0]], include=lossless, reuse=self.reuse)(gm, None)
             return PassResult(gm, bool(todo) or sub.modified, notes + sub.notes)
         return PassResult(gm, bool(todo), notes)
 
@@ -264,16 +266,24 @@ def _site_format(s: WeightSite, cfg) -> str:
     return cfg.spec
 
 
-def _reused(reuse, s: WeightSite, cfg) -> dict[str, torch.Tensor] | None:
-    """`reuse`'s tensors for `s` ({suffix: tensor}) when it quantized the same weight in the same format."""
-    if reuse is None:
-        return None
-    rec = reuse.meta.get("memopt_weights", {}).get(s.layer)
-    if rec is None or rec.get("weight") != s.target or rec.get("format") != _site_format(s, cfg):
-        return None
-    prefix = s.target + "_"
-    found = {name[len(prefix):]: t for name, t in reuse.named_buffers() if name.startswith(prefix)}
-    return found if {"q", "scale"} <= set(found) else None
+INT_SUFFIXES = ("q", "scale", "zero", "outlier_idx", "outlier")  # buffers `<weight FQN>_<suffix>` of int8/int4
+
+
+class ReusedWeights:
+    """The compressed tensors of a module already rewritten from the same weights (`reuse`; None: nothing to
+    reuse), looked up per weight site: the quantize and lossless passes take them instead of computing again."""
+
+    def __init__(self, reuse):
+        self.records = reuse.meta.get("memopt_weights", {}) if reuse is not None else {}
+        self.buffers = dict(reuse.named_buffers()) if reuse is not None else {}
+
+    def get(self, s: WeightSite, fmt: str, suffixes: Sequence[str], required: Sequence[str]) -> dict | None:
+        """{suffix: tensor} for `s` when `reuse` holds the same weight in format `fmt`, else None."""
+        rec = self.records.get(s.layer)
+        if rec is None or rec.get("weight") != s.target or rec.get("format") != fmt:
+            return None
+        found = {x: self.buffers[f"{s.target}_{x}"] for x in suffixes if f"{s.target}_{x}" in self.buffers}
+        return found if set(required) <= set(found) else None
 
 
 def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | None,

@@ -78,15 +78,16 @@ def test_budget_plan_compresses_the_kv_cache_it_priced():
     assert new.shape == (1, 4)
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4:g32:gptq:o0.05"])
+@pytest.mark.parametrize("quantize", ["int8", "int4:g32:gptq:o0.05", "lossless"])
 def test_decoder_programs_share_their_quantized_weights(quantize):
     """Quantized once (GPTQ calibrates on the forward program's inputs; the one-token generation program
     could not), held once: the generation program binds the very same tensors."""
-    result = compile_model("demo", seq=64, quantize=quantize)
+    dtype = torch.bfloat16 if quantize == "lossless" else None  # lossless compresses bf16 weights
+    result = compile_model("demo", seq=64, quantize=quantize, dtype=dtype)
     gm, gen = result.module.gm, result.module.generator
-    fwd = {n: t for n, t in gm.named_buffers() if n.endswith(("_q", "_scale", "_zero", "_outlier"))}
+    fwd = {n: t for n, t in gm.named_buffers() if n.endswith(("_q", "_scale", "_zero", "_outlier", "_stream", "_sm"))}
     both = [n for n, t in gen.named_buffers() if n in fwd]
-    assert len(both) == len(fwd) and all(gen.get_buffer(n) is fwd[n] for n in both)
+    assert fwd and len(both) == len(fwd) and all(gen.get_buffer(n) is fwd[n] for n in both)
     ids = result.captured.example_inputs[0]  # the arena program is planned for this shape
     with torch.no_grad():
         want = result.module(ids)[:, -1].argmax(-1)

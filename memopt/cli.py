@@ -45,9 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-only", action="store_true",
                    help="plan without weights (presets, config dirs, GGUF headers): print the plan, write plan.json")
     p.add_argument("--passes", default="arena", help="comma-separated passes, in order (default: arena)")
-    p.add_argument("--quantize", default=None, metavar="FORMAT", help="weight format: int8, int8:dyn, int4[:gN][:gptq][:oF] (F: fraction of 16-bit outlier input channels), lossless")
+    p.add_argument("--quantize", default=None, metavar="FORMAT",
+                   help="weight format: int8, int8:dyn, int4[:gN][:gptq][:had][:oF] (had: Hadamard-rotated "
+                        "inputs; F: fraction of 16-bit outlier input channels), lossless")
     p.add_argument("--quantize-skip", action="append", default=[], metavar="PATTERN",
                    help="layer name or glob to keep unquantized (repeatable)")
+    p.add_argument("--calibration", default=None, metavar="FILE.txt",
+                   help="text for GPTQ / outlier calibration, one sample per line (default: memopt's bundled "
+                        "English text; models without a tokenizer calibrate on their example inputs)")
     p.add_argument("--solver", default="cbc", choices=("cbc", "highs", "greedy"), help="arena solver (default cbc)")
     p.add_argument("--time-limit", type=float, default=10.0, metavar="S", help="solver time limit in seconds")
     p.add_argument("--kv", default=None, metavar="POLICY",
@@ -135,7 +140,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            time_limit_s=args.time_limit, max_cache=args.max_cache, dtype=args.dtype,
                            budget=args.budget, objective=args.objective, max_quality_loss=args.max_quality_loss,
                            offload=args.offload, reorder=args.reorder, kv=args.kv, offload_kv=args.offload_kv,
-                           kv_host=args.kv_host, verbose=not args.json)
+                           kv_host=args.kv_host, calibration=args.calibration, verbose=not args.json)
     out = save(result.module, args.output, programs=result.programs, onnx=args.onnx, report=result)
     plan = result.plan
     summary = {"output": str(out), "model": plan.model, "target": plan.target, "passes": list(plan.passes),

@@ -2,7 +2,8 @@
 
     memopt::linear_int8     -> DequantizeLinear(int8 weight, per-row scale, axis=0) + MatMul
     memopt::linear_int4     -> com.microsoft.MatMulNBits (4 bits, block = group size, uint8 zero points
-                               packed two per byte, low nibble first: the layout memopt already stores)
+                               packed two per byte, low nibble first: the layout memopt already stores);
+                               a Hadamard input rotation is a Reshape + MatMul by one b x b block
     memopt::embedding_int8  -> Gather of rows and scales + Mul
 
 `torch.onnx.export(..., dynamo=True, custom_translation_table=...)` does the rest. Runs on
@@ -48,6 +49,7 @@ def _translations() -> dict:
     from onnxscript import opset18 as op
 
     import memopt.runtime.quant_ops  # noqa: F401  (the ops must exist)
+    from memopt.kv.kivi import hadamard_matrix
 
     _register_matmul_nbits_schema()
     msft = onnxscript.values.Opset("com.microsoft", 1)
@@ -60,9 +62,16 @@ def _translations() -> dict:
         w = op.DequantizeLinear(qweight, op.Cast(scales, to=1), axis=0)  # [N, K] float32
         return _bias(op.MatMul(x, op.Transpose(w, perm=[1, 0])), bias)
 
-    def linear_int4(x, packed, scales, zeros, group_size, bias=None, outlier_idx=None, outlier_weight=None):
+    def linear_int4(x, packed, scales, zeros, group_size, bias=None, outlier_idx=None, outlier_weight=None,
+                    hadamard=0):
         n, half_k = packed.shape
         k = int(half_k) * 2
+        if hadamard:
+            b = int(hadamard)
+            h = op.Reshape(op.Constant(value_floats=hadamard_matrix(b).flatten().tolist()),
+                           op.Constant(value_ints=[b, b]))
+            blocks_shape = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[k // b, b]), axis=0)
+            x = op.Reshape(op.MatMul(op.Reshape(x, blocks_shape), op.CastLike(h, x)), op.Shape(x))
         blocks = k // group_size
         b = op.Reshape(packed, op.Constant(value_ints=[int(n), blocks, group_size // 2]))
         s = op.Reshape(op.Cast(scales, to=1), op.Constant(value_ints=[-1]))
@@ -104,8 +113,18 @@ def export_onnx(exported, path: str | Path) -> Path:
         warnings.simplefilter("ignore")
         program = torch.onnx.export(exported, (), dynamo=True, custom_translation_table=_translations(),
                                     verbose=False, optimize=True)
+    _dedupe_constants(program.model)
     program.save(str(path))
     return path
+
+
+def _dedupe_constants(model) -> None:
+    """One initializer for identical constants (the Hadamard blocks of rotated int4 linears: 64 KiB each)."""
+    try:
+        from onnx_ir.passes.common import DeduplicateInitializersPass
+    except ImportError:  # older onnxscript: the file is only larger
+        return
+    DeduplicateInitializersPass(size_limit=1 << 20)(model)
 
 
 def run_onnx(path: str | Path, args: tuple, providers: list[str] | None = None):

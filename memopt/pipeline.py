@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -132,17 +133,22 @@ def _recapture(gm: torch.fx.GraphModule, captured: Captured) -> Captured:
 
 
 def _weight_passes(captured: Captured, quantize: str | None, skip: Sequence[str], say,
-                   decisions: dict | None = None, reuse: torch.fx.GraphModule | None = None
-                   ) -> tuple[Captured, list[str], dict, torch.fx.GraphModule]:
+                   decisions: dict | None = None, reuse: torch.fx.GraphModule | None = None,
+                   calibration: Any = None) -> tuple[Captured, list[str], dict, torch.fx.GraphModule]:
     """Quantize with one format (`quantize`) or per layer (`decisions`: block name -> format). `reuse`: a
-    program already quantized from the same weights, whose tensors are taken instead of quantizing again."""
+    program already quantized from the same weights, whose tensors are taken instead of quantizing again.
+    `calibration`: see `_calibration_inputs`."""
     from memopt.passes.quantize import QuantizePass, parse_quantize_spec, weight_sites
 
     gm = captured.module()
-    calib = [captured.example_inputs] if not captured.example_kwargs else None
-    if calib is None and reuse is None and _needs_calibration(quantize):
-        raise ValueError(f"--quantize {quantize} calibrates on example inputs, which the {captured.phase} program "
-                         "does not take; compile the forward program with it first")
+    calib = None
+    if reuse is None and any(_needs_calibration(f) for f in ([quantize] if decisions is None
+                                                               else set(decisions.values()))):
+        if captured.example_kwargs:
+            raise ValueError(f"--quantize {quantize} calibrates on example inputs, which the {captured.phase} "
+                             "program does not take; compile the forward program with it first")
+        calib, calib_note = _calibration_inputs(captured, calibration)
+        say(calib_note)
     if decisions is None:
         config, plan = parse_quantize_spec(quantize), None
         say(f"quantizing weights ({quantize}) of the {captured.phase} program")
@@ -155,13 +161,54 @@ def _weight_passes(captured: Captured, quantize: str | None, skip: Sequence[str]
         say(f"quantizing weights per the budget plan ({len(per_layer)} weights) of the {captured.phase} program")
     result = QuantizePass(config, skip=tuple(skip), calibration_inputs=calib, reuse=reuse)(gm, plan)
     record = dict(result.gm.meta.get("memopt_weights", {}))
-    return _recapture(result.gm, captured), result.notes, record, result.gm
+    if calib is not None:
+        calib_notes = [calib_note]
+    elif calibration is not None and reuse is None:
+        calib_notes = [f"calibration not used: {quantize or 'the budget plan'}'s formats do not calibrate "
+                       "(only int4 with :gptq or :oF does)"]
+    else:
+        calib_notes = []
+    notes = calib_notes + list(result.notes)
+    return _recapture(result.gm, captured), notes, record, result.gm
 
 
 def _needs_calibration(spec: str | None) -> bool:
     from memopt.passes.quantize import parse_quantize_spec
 
-    return bool(spec) and bool(getattr(parse_quantize_spec(spec), "needs_calibration", False))
+    if not spec or spec in ("native", "bf16", "fp16", "fp32"):
+        return False
+    return bool(getattr(parse_quantize_spec(spec), "needs_calibration", False))
+
+
+def _calibration_inputs(captured: Captured, calibration: Any) -> tuple[list, str]:
+    """What GPTQ and the outlier choice calibrate on, and a note saying so. `calibration`: args tuples for
+    the program; texts (a list of strings, or the path of a text file with one sample per line) run
+    through the source's tokenizer; or None: the bundled calibration text when the source has a
+    tokenizer, else the example inputs (random token ids for a source without one)."""
+    from memopt.calibration import default_texts, read_texts, text_calibration
+
+    if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, (list, tuple)) for c in calibration):
+        return list(calibration), f"calibrated on {len(calibration)} given input(s)"
+    if isinstance(calibration, (str, Path)):
+        texts, what = read_texts(calibration), f"{str(calibration)!r}"
+    elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, str) for c in calibration):
+        texts, what = list(calibration), "the given texts"
+    elif calibration is None:
+        texts, what = None, "memopt's bundled calibration text"
+    else:
+        raise ValueError(f"calibration must be a text file path, a list of texts or a list of args tuples, got "
+                         f"{type(calibration).__name__}")
+    src = captured.source
+    if src.tokenizer is None or src.family not in ("encoder", "causal_lm") or src.fixed_inputs is not None:
+        if texts is not None:
+            raise ValueError(f"calibration text needs a model with a tokenizer; {src.name} has none: pass "
+                             "calibration as a list of args tuples for the model")
+        return [captured.example_inputs], (f"calibrated on the example inputs only ({src.name} has no tokenizer; "
+                                           "pass calibration inputs for better int4 quality)")
+    calib = text_calibration(src.tokenizer, texts or default_texts(), family=src.family, batch=captured.batch,
+                             seq=None if captured.dynamic else (captured.seq or None), device=src.device)
+    tokens = sum(int(m.sum()) if m is not None else args[0].numel() for args, m in zip(calib, calib.masks))
+    return calib, f"calibrated on {what}: {len(calib)} input(s), {tokens} tokens"
 
 
 def _reorder(captured: Captured, analysis: Analysis, time_limit_s: float, say) -> tuple[Captured, Analysis, list[str]]:
@@ -245,10 +292,12 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
                   generation: bool = True, budget: str | int | None = None, objective: str = "latency",
                   max_quality_loss: float | None = None, offload: Sequence[str] = (), reorder: bool = False,
                   kv: str | None = None, offload_kv: Sequence[int | str] = (), kv_host: bool = False, dtype=None,
-                  verbose: bool = False) -> CompileResult:
+                  calibration: Any = None, verbose: bool = False) -> CompileResult:
     """Capture `model`, run `passes` in order and return the emitted module with its plan.
     `max_cache`: KV-cache capacity (tokens) of a decoder's generation program (default: min(2048,
-    the model's context)); `generation=False` skips that program."""
+    the model's context)); `generation=False` skips that program. `calibration` (for GPTQ and outlier
+    formats): a text file path or a list of texts for a model with a tokenizer (default: the bundled
+    calibration text), or a list of args tuples for the model (default: its example inputs)."""
     from memopt.passes.arena import ArenaConfig, ArenaPass
     from memopt.solvers.arena import greedy_arena, solve_arena
 
@@ -312,7 +361,8 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
             passes.insert(passes.index("arena") if "arena" in passes else len(passes), "offload")
             plan = plan.with_(passes=tuple(passes))
     if "quantize" in passes:
-        captured, qnotes, weights_record, quantized = _weight_passes(captured, quantize, quantize_skip, say, formats)
+        captured, qnotes, weights_record, quantized = _weight_passes(captured, quantize, quantize_skip, say,
+                                                                             formats, calibration=calibration)
         notes += qnotes
         if gen is not None:  # takes the forward program's quantized tensors: quantized once, held once
             gen, _, _, _ = _weight_passes(gen, quantize, quantize_skip, say, formats, reuse=quantized)

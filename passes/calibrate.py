@@ -3,7 +3,9 @@
 An `torch.fx.Interpreter` watches chosen `aten.linear` nodes and accumulates, per node, the input
 statistics that weight quantizers need: mean |x| per input channel (AWQ-style saliency), optionally
 the Gram matrix X^T X (the GPTQ Hessian up to a factor) and a sample of input rows (for per-layer
-error measurements). Shapes: x `[rows, K]` after flattening the leading dimensions.
+error measurements). Shapes: x `[rows, K]` after flattening the leading dimensions. When the inputs
+carry token masks (`memopt.calibration.CalibrationSet.masks`, bool `[batch, seq]`), an activation whose
+leading dimensions are `[batch, seq]` keeps only the masked-in rows: padding does not count.
 """
 
 from __future__ import annotations
@@ -45,11 +47,14 @@ class _Recorder(torch.fx.Interpreter):
     def __init__(self, gm, watch: dict[str, LinearStats], gram: bool, max_sample_rows: int):
         super().__init__(gm, garbage_collect_values=True)
         self.watch, self.gram, self.max_rows = watch, gram, max_sample_rows
+        self.mask: Tensor | None = None  # token mask of the current input
 
     def run_node(self, n):
         if n.name in self.watch:
-            x = self.env[n.args[0]]
-            self._record(self.watch[n.name], x.detach().reshape(-1, x.shape[-1]))
+            x = self.env[n.args[0]].detach()
+            if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape):
+                x = x[self.mask]
+            self._record(self.watch[n.name], x.reshape(-1, x.shape[-1]))
         return super().run_node(n)
 
     def _record(self, st: LinearStats, x: Tensor) -> None:
@@ -72,14 +77,17 @@ def record_linear_inputs(gm, inputs: Iterable[Sequence], nodes: Iterable[str] | 
                          gram: bool = False, max_sample_rows: int = 0) -> dict[str, LinearStats]:
     """Run `gm` on each args tuple in `inputs`; return {linear node name: LinearStats}.
 
-    `nodes` restricts recording to those node names (default: every `aten.linear`).
+    `nodes` restricts recording to those node names (default: every `aten.linear`). `inputs` may be a
+    `CalibrationSet`, whose masks leave padding rows out.
     """
     names = [n.name for n in linear_nodes(gm)] if nodes is None else list(nodes)
     watch = {name: LinearStats() for name in names}
     rec = _Recorder(gm, watch, gram, max_sample_rows)
     ran = False
+    masks = getattr(inputs, "masks", None)
     with torch.no_grad():
-        for args in inputs:
+        for i, args in enumerate(inputs):
+            rec.mask = masks[i] if masks is not None else None
             flat = pytree.tree_flatten((tuple(args), {}))[0]
             try:
                 rec.run(*flat)

@@ -13,7 +13,7 @@ CONFIG_VERSION = 1
 INT4_GROUP_SIZES = (32, 64, 128)
 INT4_METHODS = ("rtn", "gptq")
 ACCEPTED_SPECS = ("int8", "int8:dyn", "int4", "int4:g32", "int4:g64", "int4:g128", "int4:g64:gptq",
-                  "int4:g64:gptq:o0.025", "lossless")
+                  "int4:g64:gptq:had", "int4:g64:gptq:o0.025", "int4:g64:gptq:had:o0.025", "lossless")
 
 
 class _JsonConfig:
@@ -63,6 +63,11 @@ class Int4WeightConfig(_JsonConfig):
     AWQ) are kept in bf16 beside the int4 matmul (block quantization with outliers); needs calibration.
     `method`: "rtn" (round to nearest, MSE-searched clipping) or "gptq" (GPTQ, Frantar et al. 2022:
     Hessian-based error compensation from calibration inputs, act-order with static groups).
+    `hadamard`: rotate each linear's input channels by a block-diagonal Hadamard matrix (blocks of up to
+    128 channels) before quantizing, and its input by the same matrix at run time (QuIP#'s incoherence
+    processing, QuaRot's online rotation): outliers are spread over a block, at no stored byte. With GPTQ
+    it gains ~+0.002 mean cosine on all-MiniLM-L6-v2 (benchmarks/results/quantize.md); with
+    round-to-nearest alone it does not help. Outlier channels are then chosen among rotated channels.
     `embeddings`: store embedding tables as int8 rows (there is no int4 embedding kernel).
     """
 
@@ -71,6 +76,7 @@ class Int4WeightConfig(_JsonConfig):
     outlier_fraction: float = 0.0
     method: str = "rtn"
     embeddings: bool = False
+    hadamard: bool = False
 
     def __post_init__(self):
         if isinstance(self.group_size, bool) or self.group_size not in INT4_GROUP_SIZES:
@@ -81,6 +87,7 @@ class Int4WeightConfig(_JsonConfig):
         if self.method not in INT4_METHODS:
             raise ValueError(f"method must be one of {INT4_METHODS}, got {self.method!r}")
         _check_bool("embeddings", self.embeddings)
+        _check_bool("hadamard", self.hadamard)
 
     @property
     def needs_calibration(self) -> bool:
@@ -89,7 +96,7 @@ class Int4WeightConfig(_JsonConfig):
     @property
     def spec(self) -> str:
         return (f"int4:g{self.group_size}" + (":gptq" if self.method == "gptq" else "")
-                + (f":o{self.outlier_fraction:g}" if self.outlier_fraction else ""))
+                + (":had" if self.hadamard else "") + (f":o{self.outlier_fraction:g}" if self.outlier_fraction else ""))
 
 
 @dataclass(frozen=True)
@@ -134,10 +141,11 @@ def config_from_json(d: dict) -> WeightConfig:
 
 
 def parse_quantize_spec(spec: str) -> WeightConfig:
-    """'int8' | 'int8:dyn' | 'int4[:gN][:rtn|:gptq][:oF]' | 'lossless'.
+    """'int8' | 'int8:dyn' | 'int4[:gN][:rtn|:gptq][:had][:oF]' | 'lossless'.
 
-    `:oF` keeps the fraction F (0 < F <= 0.25) of input channels in bf16 (outliers). The most accurate
-    int4 g64 format within 0.15x fp32 bytes is 'int4:g64:gptq:o0.025' (see benchmarks/results/quantize.md).
+    `:had` rotates input channels by a Hadamard matrix first (see Int4WeightConfig). `:oF` keeps the
+    fraction F (0 < F <= 0.25) of input channels in bf16 (outliers). The most accurate int4 g64 format
+    within 0.15x fp32 bytes is 'int4:g64:gptq:had:o0.025' (see benchmarks/results/quantize.md).
     """
     s = spec.strip().lower() if isinstance(spec, str) else spec
     if s == "int8":
@@ -148,21 +156,23 @@ def parse_quantize_spec(spec: str) -> WeightConfig:
         return LosslessConfig()
     if isinstance(s, str) and s.startswith("int4"):
         parts = s.split(":")
-        group, method, outliers = 64, "rtn", 0.0
-        ok = parts[0] == "int4" and len(parts) <= 4
+        group, method, outliers, had = 64, "rtn", 0.0, False
+        ok = parts[0] == "int4" and len(parts) <= 5 and len(set(parts)) == len(parts)
         for p in parts[1:]:
             if p.startswith("g") and p[1:].isdigit() and int(p[1:]) in INT4_GROUP_SIZES:
                 group = int(p[1:])
             elif p in INT4_METHODS:
                 method = p
+            elif p == "had":
+                had = True
             elif p.startswith("o") and _is_fraction(p[1:]):
                 outliers = float(p[1:])
             else:
                 ok = False
         if ok:
-            return Int4WeightConfig(group_size=group, method=method, outlier_fraction=outliers)
+            return Int4WeightConfig(group_size=group, method=method, outlier_fraction=outliers, hadamard=had)
     raise ValueError(f"unknown weight format {spec!r}; accepted: {', '.join(ACCEPTED_SPECS)} "
-                     f"(int4 takes :g32/:g64/:g128, :rtn/:gptq and :o<fraction of bf16 outlier channels>)")
+                     f"(int4 takes :g32/:g64/:g128, :rtn/:gptq, :had and :o<fraction of bf16 outlier channels>)")
 
 
 def _is_fraction(text: str) -> bool:

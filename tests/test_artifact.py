@@ -82,7 +82,8 @@ def test_int4_saved_after_running_stores_the_canonical_layout(tmp_path):
 
 
 @pytest.mark.parametrize("model, quantize, atol", [("demo", None, 1e-4), ("demo", "int8", 1e-4),
-                                                   ("demo", "int4:g32", 2e-2), ("minilm", None, 1e-4)])
+                                                   ("demo", "int4:g32", 2e-2), ("demo", "int4:g32:gptq:had", 2e-2),
+                                                   ("minilm", None, 1e-4)])
 def test_onnx_runtime_matches_pytorch(model, quantize, atol, tmp_path):
     from memopt.onnx_export import run_onnx
 

@@ -11,6 +11,7 @@ import torch
 from conftest import TinyMLP, tiny_llama
 
 import memopt.runtime.quant_ops as qops
+from memopt.calibration import default_texts, text_calibration
 from memopt.passes.quant_config import (ACCEPTED_SPECS, Int4WeightConfig, Int8WeightConfig, LosslessConfig,
                                         config_from_json, parse_quantize_spec)
 from memopt.passes.quantize import QuantizePass, quantized_weight_bytes
@@ -41,12 +42,15 @@ def models():
     return out
 
 
-# (model, format, min SQNR of the output in dB)
+# (model, format, min SQNR of the output in dB). A Hadamard rotation spreads heavy-tailed weights; the MLP's
+# uniform-init weights have no tails, and rotated they become Gaussian-like (a wider range per group), so
+# ':had' costs ~3 dB there (RTN 18.7 -> 15.7 dB) while it gains on trained weights (test_minilm_*).
 CASES = [
     ("mlp", "int8", 35), ("mlp", "int8:dyn", 30), ("mlp", "int4:g32", 18), ("mlp", "int4:g64", 17),
-    ("mlp", "int4:g64:gptq", 18), ("mlp", "int4:g64:o0.05", 18),
+    ("mlp", "int4:g64:gptq", 18), ("mlp", "int4:g64:o0.05", 18), ("mlp", "int4:g64:gptq:had", 15),
     ("llama", "int8", 30), ("llama", "int8:dyn", 28), ("llama", "int4:g32", 13), ("llama", "int4:g64", 12),
     ("llama", "int4:g128", 11), ("llama", "int4:g64:gptq", 13), ("llama", "int4:g64:o0.02", 12),
+    ("llama", "int4:g32:had", 12), ("llama", "int4:g64:gptq:had:o0.02", 13),
 ]
 
 
@@ -67,7 +71,7 @@ def test_every_format_preserves_outputs(models, model_name, fmt, min_sqnr):
     assert not any("aten.linear" in o for o in ops), "every linear should have been rewritten"
 
 
-@pytest.mark.parametrize("fmt", ["int8", "int4:g64:o0.02"])
+@pytest.mark.parametrize("fmt", ["int8", "int4:g64:o0.02", "int4:g64:gptq:had:o0.02"])
 def test_rewritten_graph_reexports(models, fmt):
     gm0, args, calib, _ = models["llama"]
     gm = copy.deepcopy(gm0)
@@ -77,6 +81,38 @@ def test_rewritten_graph_reexports(models, fmt):
     assert any("memopt.linear_" in t for t in targets)
     with torch.no_grad():
         assert torch.allclose(ep.module()(*args), gm(*args), rtol=1e-5, atol=1e-5)
+
+
+def test_hadamard_rotation_is_exact_and_free():
+    """linear_int4 with `hadamard` computes (x R) (W R)^T = x W^T: with a W R that int4 holds exactly
+    the rotated op equals the plain matmul, and the rotation stores nothing."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 256)
+    assert torch.allclose(qops.hadamard_rotate(qops.hadamard_rotate(x, 128), 128), x, atol=1e-5)
+    assert qops.hadamard_block(384) == 128 and qops.hadamard_block(96) == 32 and qops.hadamard_block(4096) == 128
+    q = torch.randint(0, 16, (64, 256), dtype=torch.uint8)
+    scales = torch.rand(64, 4).add(0.5).to(torch.bfloat16)
+    zeros = torch.randint(0, 16, (64, 4), dtype=torch.uint8)
+    packed = qops.pack_int4(q)
+    w_rot = qops.dequantize_int4(packed, scales, zeros, 64)  # = W R
+    w = qops.hadamard_rotate(w_rot, 128)  # R R = I: the weight this layer stands for
+    want = x @ w.t()
+    got = torch.ops.memopt.linear_int4(x, packed.clone(), scales, zeros, 64, None, None, None, 128)
+    assert (got - want).abs().max() <= 0.01 * want.abs().max()  # the CPU kernel runs in bf16
+    got_ref = torch.ops.memopt.linear_int4(x.reshape(-1, 256).repeat(20, 1), packed.clone(), scales, zeros, 64,
+                                           None, None, None, 128)  # > 128 rows: the fp32 reference path
+    torch.testing.assert_close(got_ref, want.reshape(-1, 64).repeat(20, 1), atol=1e-3, rtol=1e-4)
+    with pytest.raises(ValueError, match="K divisible"):
+        qops.hadamard_rotate(x, 96)
+
+
+def test_thin_gptq_calibration_is_noted(models):
+    gm0, args, calib, _ = models["mlp"]  # 16 calibration rows for fc2/fc3's 256 input channels
+    result = QuantizePass(_config("int4:g64:gptq"), calibration_inputs=calib)(copy.deepcopy(gm0), None)
+    assert any(n.startswith("GPTQ: 3 linear(s) saw fewer calibration token rows (16) than input channels (up to 256)")
+               for n in result.notes), result.notes
+    result = QuantizePass(_config("int4:g64:gptq"), calibration_inputs=calib * 20)(copy.deepcopy(gm0), None)
+    assert not any(n.startswith("GPTQ:") for n in result.notes)
 
 
 def test_fp_weights_are_deleted_and_bytes_drop(models):
@@ -283,28 +319,6 @@ EVAL = [
     "The patient was advised to rest and drink plenty of fluids.", "A sudden gust of wind knocked over the umbrella.",
     "Why is the sky blue during the day but red at sunset?",
 ]
-CALIB = [  # calibration text, disjoint from EVAL
-    "Machine learning models need large amounts of training data.",
-    "The river flows quietly through the valley at dawn.", "Please send the signed invoice by Monday morning.",
-    "Basketball is played by two teams of five players.", "The new restaurant downtown serves excellent sushi.",
-    "Scientists discovered a new species of frog in the rainforest.",
-    "My grandmother knits scarves for the whole family every winter.",
-    "The train to Berlin departs from platform seven.", "Regular exercise improves both physical and mental health.",
-    "The committee postponed the vote until next week.", "for i in range(10): print(i * i)",
-    "The price of gold reached a record high on Tuesday.", "Where can I find the nearest pharmacy?",
-    "The old lighthouse has guided ships for over a century.",
-    "She smiled, closed the book, and turned off the lamp.",
-    "Solar panels convert sunlight directly into electricity.",
-    "The students presented their research at the conference.", "Nous allons au marché demain matin.",
-    "The baby finally fell asleep after a long day.", "Traffic was unusually light on the highway this morning.",
-    "The detective examined the footprints in the mud.", "Vaccines train the immune system to recognize pathogens.",
-    "The band released their third album last spring.", "Keep the receipt in case you need to return the item.",
-    "Bees play a vital role in pollinating crops.", "The bridge was closed for repairs after the storm.",
-    "He ordered a double espresso and a croissant.",
-    "The algorithm sorts the list in logarithmic time per insertion.", "Snow covered the mountain village overnight.",
-    "Our team won the championship after extra time.", "The professor explained the theory with simple examples.",
-    "Is it safe to swim in the lake after heavy rain?",
-]
 
 
 def embed(fn, enc) -> torch.Tensor:
@@ -324,26 +338,32 @@ def minilm():
 
     path = minilm_dir()
     tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
-    enc, cal = tok(EVAL, padding=True, return_tensors="pt"), tok(CALIB, padding=True, return_tensors="pt")
+    enc = tok(EVAL, padding=True, return_tensors="pt")
     wrapped = EncoderOutput(model)
     b, t = Dim("batch", max=256), Dim("tokens", max=512)
     gm = torch.export.export(wrapped, (enc["input_ids"], enc["attention_mask"]),
                              dynamic_shapes=({0: b, 1: t}, {0: b, 1: t}), strict=False).module()
-    return gm, enc, [(cal["input_ids"], cal["attention_mask"])], embed(wrapped, enc)
+    # calibrated on memopt's bundled text, one unpadded sentence per input (the program's shapes are dynamic)
+    calib = text_calibration(tok, default_texts(), family="encoder")
+    return gm, enc, calib, embed(wrapped, enc)
 
 
-# format, config, min mean cosine, max linear bytes / fp32 bytes.
-# int4 g64 still falls short of the 0.99 cosine target (issue #4). Measured mean cosine on EVAL
-# (calibrated on CALIB): RTN 0.9722; GPTQ 0.9862; GPTQ + 1% bf16 outliers 0.9873; GPTQ + 2.5% outliers
-# 0.9881 (0.1496 x fp32, the best within 0.15). Tried and not kept (each < +0.001): AWQ scaling searched
-# per layer (+RTN 0.9800, +GPTQ 0.9865), sequential GPTQ on quantized inputs (0.9862; 0.9876 with 1%),
-# GPTAQ-style fp-target correction (0.9869), bias correction (0.9867), least-squares scale refit
-# (0.9863), lower damping (0.01: 0.9809) or 10x more (off-domain) calibration text (0.9850), end-to-end
-# scale tuning on CALIB (overfits: 0.9870 peak). Layer 5 alone costs ~0.006 of the ~0.014 gap.
+def test_bundled_calibration_text_is_disjoint_from_eval():
+    texts = default_texts()
+    assert len(texts) >= 128 and not set(texts) & set(EVAL)
+
+
+# format, config, min mean cosine, max linear bytes / fp32 bytes. Measured mean cosine on EVAL, calibrated
+# on the bundled text (146 lines, 2.8k tokens): RTN 0.9722; GPTQ 0.9890; GPTQ + 2.5% bf16 outliers 0.9913
+# (0.1496 x fp32); GPTQ on Hadamard-rotated inputs 0.9915 (0.1367 x), + 2.5% outliers 0.9924. With the
+# 32 short sentences used for calibration before (395 tokens, fewer rows than the FFN's 1536 input
+# channels) GPTQ + 2.5% reached only 0.9881: GPTQ fitted the calibration tokens.
 MINILM_CASES = [
     ("int8", Int8WeightConfig(), 0.999, 0.26),
     ("int4:g64", Int4WeightConfig(), 0.97, 0.15),
-    ("int4:g64:gptq:o0.025", parse_quantize_spec("int4:g64:gptq:o0.025"), 0.987, 0.15),
+    ("int4:g64:gptq:o0.025", parse_quantize_spec("int4:g64:gptq:o0.025"), 0.99, 0.15),
+    ("int4:g64:gptq:had", parse_quantize_spec("int4:g64:gptq:had"), 0.991, 0.137),
+    ("int4:g64:gptq:had:o0.025", parse_quantize_spec("int4:g64:gptq:had:o0.025"), 0.992, 0.15),
 ]
 
 

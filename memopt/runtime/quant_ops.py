@@ -7,6 +7,9 @@ Stored (canonical) formats, the ones artifacts save:
   `[N, K/g]` (integer zero points in [0, 15]); w ~= (q - zeros) * scales.
   Optional outliers: `outlier_idx` int64 `[n_out]` input channels kept in 16-bit, `outlier_weight` bf16
   `[N, n_out]`; their columns in `packed` dequantize to exactly 0 (block quantization with outliers).
+  Optional input rotation (`hadamard` = b > 0, QuIP#/QuaRot-style incoherence processing): the stored
+  weight is W R with R the block-diagonal orthonormal Hadamard matrix of blocks of b input channels, and
+  the op computes (x R) (W R)^T = x W^T; R is symmetric and rebuilt from b, so it costs no stored byte.
 
 Kernels (CPU): int8 uses `aten._weight_int8pack_mm` (bf16 activations) for up to 16 rows when
 K % 16 == 0 (it returns garbage or crashes for other K), else a tile-wise dequantize + matmul whose
@@ -26,6 +29,7 @@ reference, which runs at fp32 speed there. CUDA and every other case: the tile-w
 from __future__ import annotations
 
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import Iterator, Optional
 
 import torch
@@ -40,6 +44,29 @@ _CLIP_RATIOS = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8)
 
 
 # ---------------------------------------------------------------- storage formats
+
+
+def hadamard_block(k: int, cap: int = 128) -> int:
+    """The rotation block for `k` input channels: the largest power of two dividing k, at most `cap`."""
+    return min(k & -k, cap) if k > 0 else 0
+
+
+@lru_cache(maxsize=16)
+def _hadamard(block: int, dtype: torch.dtype, device: str) -> Tensor:
+    from memopt.kv.kivi import hadamard_matrix
+
+    return hadamard_matrix(block).to(dtype=dtype, device=device)
+
+
+def hadamard_rotate(x: Tensor, block: int) -> Tensor:
+    """x R for x `[..., K]`, R block-diagonal with orthonormal Sylvester-Hadamard blocks of `block`
+    channels (symmetric, R R = I, so rotating twice gives x back). 16-bit inputs rotate in fp32."""
+    k = x.shape[-1]
+    if block < 1 or k % block:
+        raise ValueError(f"a Hadamard rotation of blocks of {block} channels needs K divisible by it, got K={k}")
+    dt = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+    y = x.to(dt).reshape(*x.shape[:-1], k // block, block) @ _hadamard(block, dt, str(x.device))
+    return y.reshape(x.shape).to(x.dtype)
 def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8. `w` `[N, K]` -> (`qweight` int8 `[N, K]`, `scales` fp32 `[N]`)."""
     w = w.detach().float()
@@ -262,13 +289,16 @@ def _(x, qweight, scales, bias=None, act_int8=False):
 @torch.library.custom_op("memopt::linear_int4", mutates_args=())
 def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                 bias: Optional[Tensor] = None, outlier_idx: Optional[Tensor] = None,
-                outlier_weight: Optional[Tensor] = None) -> Tensor:
-    """y = x @ W.T (+ x[..., outlier_idx] @ outlier_weight.T) + bias with W the int4 group dequantization.
+                outlier_weight: Optional[Tensor] = None, hadamard: int = 0) -> Tensor:
+    """y = x' @ W.T (+ x'[..., outlier_idx] @ outlier_weight.T) + bias with W the int4 group dequantization
+    and x' = x, or x rotated by blocks of `hadamard` channels when `hadamard` > 0.
 
     x `[..., K]`, packed uint8 `[N, K/2]`, scales bf16 / zeros uint8 `[N, K/g]`, outlier_weight `[N, n_out]`.
     """
     n, k = packed.shape[0], packed.shape[1] * 2
     x2 = x.reshape(-1, k)
+    if hadamard:
+        x2 = hadamard_rotate(x2, hadamard)
     layout = None
     if x.device.type == "cpu" and x2.shape[0] <= _INT4_KERNEL_MAX_ROWS:
         layout = _cpu_int4_layout(packed, scales, zeros)
@@ -291,7 +321,7 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_
 
 
 @linear_int4.register_fake
-def _(x, packed, scales, zeros, group_size, bias=None, outlier_idx=None, outlier_weight=None):
+def _(x, packed, scales, zeros, group_size, bias=None, outlier_idx=None, outlier_weight=None, hadamard=0):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 

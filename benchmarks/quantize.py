@@ -9,6 +9,7 @@ from the test sentences). Bytes: the 37 linear weights (36 encoder + pooler) as 
 points included (tensor-subclass internals summed for torchao / quanto, initializers for ONNX).
 Latency: one forward of the 50-sentence batch, and a decode-shaped matmul x[1, 4096] @ W[4096, 4096],
 median of repeated runs, everything on 1 CPU thread (torch and ONNX Runtime).
+How the int4 g64 formats were chosen (techniques tried, calibration size): results/quantize_int4_study.md.
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ def matmul_rows(tmp: str) -> list[list]:
     gm0 = torch.export.export(lin, (x,), strict=False).module()
     for name, cfg in (("memopt int8", Int8WeightConfig()),
                       ("memopt int8:dyn (W8A8)", Int8WeightConfig(dynamic_activations=True)),
-                      ("memopt int4 g64", Int4WeightConfig()), ("memopt int4 g32", Int4WeightConfig(group_size=32))):
+                      ("memopt int4 g64", Int4WeightConfig()), ("memopt int4 g32", Int4WeightConfig(group_size=32)),
+                      ("memopt int4 g64:had (input rotated by 128-blocks)", Int4WeightConfig(hadamard=True))):
         gm = copy.deepcopy(gm0)
         QuantizePass(cfg)(gm, None)
         add(name, lambda gm=gm: gm(x))

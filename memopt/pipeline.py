@@ -479,12 +479,17 @@ def _share_state(src: Captured, dst: Captured) -> int:
     """Bind `dst`'s weights to `src`'s tensors of the same name where the two programs hold equal ones, so a
     decoder's forward and generation programs keep one copy of each weight in memory (a budget counts it
     once). Only same-named weights: equal tensors of different layers (e.g. norms still at their init) stay
-    apart, as the offload pass needs each block's weights to be its own. Returns how many were re-bound."""
+    apart, as the offload pass needs each block's weights to be its own. Returns how many weight tensors the
+    two programs then hold in common (re-bound here, or already the same tensors: quantized ones reused)."""
     mine = _state_tensors(src)
+    ptrs = {t.untyped_storage().data_ptr() for t in mine.values() if t.device.type != "meta"}
     ep, shared = dst.exported, 0
     for name, t in _state_tensors(dst).items():
         same = mine.get(name)
-        if same is None or same is t or same.shape != t.shape or same.dtype != t.dtype or same.device != t.device \
+        if same is t or (t.device.type != "meta" and t.untyped_storage().data_ptr() in ptrs):
+            shared += 1
+            continue
+        if same is None or same.shape != t.shape or same.dtype != t.dtype or same.device != t.device \
                 or not torch.equal(same, t):
             continue
         table = ep.state_dict if name in ep.state_dict else ep.constants

@@ -213,6 +213,7 @@ class QuantizePass(Pass):
                                "bytes": _site_bytes(gm, s.target)}
             _delete_weight(gm, s)
         if todo:
+            _share_rotations(gm)
             gm.graph.lint()
             gm.recompile()
             fp = sum(record[s.layer]["fp_bytes"] for s, _ in todo)
@@ -233,6 +234,25 @@ class QuantizePass(Pass):
         return record_linear_inputs(gm, self.calibration_inputs, nodes, gram=gram)
 
 
+def _share_rotations(gm) -> int:
+    """Rotate each input once: linear_int4 nodes that carry a Hadamard block (their last argument) and read
+    the same input get one `memopt::hadamard` node, inserted before the first of them, as their input.
+    Returns how many rotation nodes were inserted."""
+    groups: dict[tuple, list] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.memopt.linear_int4.default \
+                and len(node.args) > 8 and node.args[8]:
+            groups.setdefault((node.args[0], node.args[8]), []).append(node)
+    for (x, block), linears in groups.items():
+        with gm.graph.inserting_before(linears[0]):
+            rot = gm.graph.call_function(torch.ops.memopt.hadamard.default, (x, block))
+        if isinstance(x, torch.fx.Node) and "val" in x.meta:
+            rot.meta["val"] = x.meta["val"]
+        for lin in linears:
+            lin.args = (rot, *lin.args[1:8])
+    return len(groups)
+
+
 def _thin_calibration(todo, stats: dict[str, LinearStats]) -> list[str]:
     """A note when GPTQ layers saw fewer calibration rows than input channels: their Hessian is then
     rank-deficient and GPTQ fits the calibration tokens more than the model's (measured on MiniLM: 395
@@ -243,8 +263,8 @@ def _thin_calibration(todo, stats: dict[str, LinearStats]) -> list[str]:
     if not thin:
         return []
     return [f"GPTQ: {len(thin)} linear(s) saw fewer calibration token rows ({min(r for r, _ in thin)}) than input "
-            f"channels (up to {max(k for _, k in thin)}); give more calibration text (--calibration FILE) for "
-            "better int4 quality"]
+            f"channels (up to {max(k for _, k in thin)}); give more calibration inputs for better int4 quality "
+            "(--calibration FILE, for a model with a tokenizer)"]
 
 
 def _unsupported(s: WeightSite, cfg, w: torch.Tensor) -> str:

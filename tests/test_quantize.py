@@ -106,6 +106,29 @@ def test_hadamard_rotation_is_exact_and_free():
         qops.hadamard_rotate(x, 96)
 
 
+def test_one_rotation_per_input(models):
+    """q/k/v (and gate/up) read one input: one memopt::hadamard node serves them, and the rewritten graph
+    computes what the per-linear rotation computes."""
+    gm0, args, calib, _ = models["llama"]
+    gm = copy.deepcopy(gm0)
+    QuantizePass(_config("int4:g64:had"))(gm, None)
+    rots = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.memopt.hadamard.default]
+    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.memopt.linear_int4.default]
+    assert len(linears) == 15 and len(rots) == 9  # per layer: qkv, o, gate/up, down; and the LM head
+    assert all(lin.args[0].target is torch.ops.memopt.hadamard.default and len(lin.args) <= 8 for lin in linears)
+    per_linear = copy.deepcopy(gm0)
+    QuantizePass(_config("int4:g64:had"))(per_linear, None)
+    for node in list(per_linear.graph.nodes):  # undo the sharing: each linear rotates its own input
+        if node.target is torch.ops.memopt.linear_int4.default:
+            node.args = (node.args[0].args[0], *node.args[1:8], node.args[0].args[1])
+    for node in list(per_linear.graph.nodes):
+        if node.target is torch.ops.memopt.hadamard.default:
+            per_linear.graph.erase_node(node)
+    per_linear.recompile()
+    with torch.no_grad():
+        torch.testing.assert_close(gm(*args), per_linear(*args))
+
+
 def test_thin_gptq_calibration_is_noted(models):
     gm0, args, calib, _ = models["mlp"]  # 16 calibration rows for fc2/fc3's 256 input channels
     result = QuantizePass(_config("int4:g64:gptq"), calibration_inputs=calib)(copy.deepcopy(gm0), None)

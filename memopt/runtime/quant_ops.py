@@ -286,6 +286,18 @@ def _(x, qweight, scales, bias=None, act_int8=False):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
+@torch.library.custom_op("memopt::hadamard", mutates_args=())
+def hadamard(x: Tensor, block: int) -> Tensor:
+    """x R (see `hadamard_rotate`): the input rotation of int4 linears stored with `hadamard`, computed once
+    for all the linears that read the same input (a transformer's q/k/v, gate/up)."""
+    return hadamard_rotate(x, block)
+
+
+@hadamard.register_fake
+def _(x, block):
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("memopt::linear_int4", mutates_args=())
 def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                 bias: Optional[Tensor] = None, outlier_idx: Optional[Tensor] = None,

@@ -104,7 +104,8 @@ def memopt_rows(b: Bench) -> None:
     dynamic = ({0: bd, 1: td}, {0: bd, 1: td})
     gm0 = torch.export.export(b.wrapped, b.args, dynamic_shapes=dynamic, strict=False).module()
     b.add("fp32 (exported graph)", gm0, b.fp32_bytes)
-    for name, cfg in (("memopt int8 (per-channel, weight-only)", Int8WeightConfig()),
+    for name, cfg in (("memopt int8 (per-channel, weight-only; embedding table int8 too)", Int8WeightConfig()),
+                      ("memopt int8, linears only (the peers' scope)", Int8WeightConfig(embeddings=False)),
                       ("memopt int8:dyn (W8A8 dynamic)", Int8WeightConfig(dynamic_activations=True)),
                       ("memopt int4 g64 (RTN)", Int4WeightConfig()),
                       ("memopt int4 g32 (RTN)", Int4WeightConfig(group_size=32)),

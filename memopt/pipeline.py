@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -185,10 +185,12 @@ def _calibration_inputs(captured: Captured, calibration: Any) -> tuple[list, str
     the program; texts (a list of strings, or the path of a text file with one sample per line) run
     through the source's tokenizer; or None: the bundled calibration text when the source has a
     tokenizer, else the example inputs (random token ids for a source without one)."""
-    from memopt.calibration import default_texts, read_texts, text_calibration
+    from memopt.calibration import CalibrationSet, default_texts, read_texts, text_calibration
 
-    if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, (list, tuple)) for c in calibration):
-        return list(calibration), f"calibrated on {len(calibration)} given input(s)"
+    if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, (list, tuple))
+                                                                      for c in calibration):
+        given = calibration if isinstance(calibration, CalibrationSet) else list(calibration)  # keeps its masks
+        return given, f"calibrated on {len(calibration)} given input(s)"
     if isinstance(calibration, (str, Path)):
         texts, what = read_texts(calibration), f"{str(calibration)!r}"
     elif isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, str) for c in calibration):

@@ -95,8 +95,9 @@ class Int4WeightConfig(_JsonConfig):
 
     @property
     def spec(self) -> str:
-        return (f"int4:g{self.group_size}" + (":gptq" if self.method == "gptq" else "")
-                + (":had" if self.hadamard else "") + (f":o{self.outlier_fraction:g}" if self.outlier_fraction else ""))
+        method = ":gptq" if self.method == "gptq" else ""
+        return (f"int4:g{self.group_size}{method}" + (":had" if self.hadamard else "")
+                + (f":o{self.outlier_fraction:g}" if self.outlier_fraction else ""))
 
 
 @dataclass(frozen=True)

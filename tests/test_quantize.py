@@ -113,7 +113,8 @@ def test_one_rotation_per_input(models):
     gm = copy.deepcopy(gm0)
     QuantizePass(_config("int4:g64:had"))(gm, None)
     rots = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.memopt.hadamard.default]
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.memopt.linear_int4.default]
+    linears = [n for n in gm.graph.nodes
+               if n.op == "call_function" and n.target is torch.ops.memopt.linear_int4.default]
     assert len(linears) == 15 and len(rots) == 9  # per layer: qkv, o, gate/up, down; and the LM head
     assert all(lin.args[0].target is torch.ops.memopt.hadamard.default and len(lin.args) <= 8 for lin in linears)
     per_linear = copy.deepcopy(gm0)

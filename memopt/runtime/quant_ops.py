@@ -67,6 +67,8 @@ def hadamard_rotate(x: Tensor, block: int) -> Tensor:
     dt = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
     y = x.to(dt).reshape(*x.shape[:-1], k // block, block) @ _hadamard(block, dt, str(x.device))
     return y.reshape(x.shape).to(x.dtype)
+
+
 def quantize_int8_rows(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-row int8. `w` `[N, K]` -> (`qweight` int8 `[N, K]`, `scales` fp32 `[N]`)."""
     w = w.detach().float()

@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--passes", default="arena", help="comma-separated passes, in order (default: arena)")
     p.add_argument("--quantize", default=None, metavar="FORMAT",
                    help="weight format: int8, int8:dyn, int4[:gN][:gptq][:had][:oF] (had: Hadamard-rotated "
-                        "inputs; F: fraction of 16-bit outlier input channels), lossless")
+                        "inputs; F: fraction of 16-bit outlier input channels), lossless; with --budget, "
+                        "how the plan's int4 layers are quantized (int4:gptq:had)")
     p.add_argument("--quantize-skip", action="append", default=[], metavar="PATTERN",
                    help="layer name or glob to keep unquantized (repeatable)")
     p.add_argument("--calibration", default=None, metavar="FILE.txt",

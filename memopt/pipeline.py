@@ -172,6 +172,30 @@ def _weight_passes(captured: Captured, quantize: str | None, skip: Sequence[str]
     return _recapture(result.gm, captured), notes, record, result.gm
 
 
+def _int4_how(fmt: str, quantize: str | None) -> str:
+    """A budget plan's format, with int4 layers quantized the way `quantize` says (`--budget` with
+    `--quantize int4:gptq:had`: the plan picks which layers are int4 and their group size, `quantize` picks
+    GPTQ / the rotation, which change no byte the plan priced)."""
+    from memopt.passes.quant_config import Int4WeightConfig, parse_quantize_spec
+
+    if not quantize or not fmt.startswith("int4"):
+        return fmt
+    how, planned = parse_quantize_spec(quantize), parse_quantize_spec(fmt)
+    return Int4WeightConfig(group_size=planned.group_size, outlier_fraction=planned.outlier_fraction,
+                            method=how.method, hadamard=how.hadamard).spec
+
+
+def _check_budget_quantize(quantize: str | None) -> None:
+    from memopt.passes.quant_config import Int4WeightConfig, parse_quantize_spec
+
+    if quantize is None:
+        return
+    cfg = parse_quantize_spec(quantize)
+    if not isinstance(cfg, Int4WeightConfig) or cfg.outlier_fraction:
+        raise ValueError(f"with a budget the plan picks each layer's format; --quantize {quantize} can only say how "
+                         "its int4 layers are quantized (int4:gptq, int4:had, int4:gptq:had), without outliers")
+
+
 def _needs_calibration(spec: str | None) -> bool:
     from memopt.passes.quantize import parse_quantize_spec
 
@@ -322,6 +346,8 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
         from memopt.kv.policy import parse_kv_spec
 
         parse_kv_spec(kv)  # a bad policy fails here, before any capture
+    if budget is not None:
+        _check_budget_quantize(quantize)
     say = (lambda m: print(f"memopt: {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
     src = _as_source(model, example_inputs, dtype)
     if budget is not None and src.dtype == torch.float32 and dtype is None:
@@ -355,7 +381,8 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
                                   seq=captured.seq or None, objective=objective, max_quality_loss=max_quality_loss,
                                   kv_host=kv_host)
         # a tied embedding is labelled "model.embed_tokens (tied lm_head)": the module name is the first word
-        formats = {d["name"].split(" (")[0]: d["format"] for d in budget_plan.to_json()["decisions"]}
+        formats = {d["name"].split(" (")[0]: _int4_how(d["format"], quantize)
+                   for d in budget_plan.to_json()["decisions"]}
         if any(f not in ("bf16", "native") for f in formats.values()) and "quantize" not in passes:
             passes.insert(0, "quantize")
         plan = plan.with_(passes=tuple(passes))

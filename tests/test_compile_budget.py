@@ -140,3 +140,18 @@ def test_decoder_programs_share_offload_slots_and_keep_blocks_apart():
     prompt, ids = torch.tensor([[5, 17, 99, 4]]), off.captured.example_inputs[0]
     assert torch.equal(off.module.generate(prompt, 6), ref.module.generate(prompt, 6))
     assert torch.equal(off.module(ids), ref.module(ids))
+
+
+def test_budget_int4_layers_quantized_the_way_quantize_says():
+    """--budget picks which layers are int4 (and the group); --quantize int4:gptq:had picks how."""
+    kw = dict(seq=256, budget="1500KiB", target="custom:mem=4GiB,bw=100GB/s")
+    result = compile_model("demo", quantize="int4:gptq:had", **kw)
+    assert result.plan.predictions["budget"]["fits"]
+    assert {d.weight_format for d in result.plan.decisions} == {"int4:g64:gptq:had"}
+    assert any(n.target is torch.ops.memopt.hadamard.default for n in result.captured.graph.nodes)
+    ids = result.captured.example_inputs[0]
+    ref = result.source.traceable()(ids).float()
+    cos = torch.nn.functional.cosine_similarity(result.module(ids).float().flatten(1), ref.flatten(1)).item()
+    assert cos >= 0.95, f"cosine {cos} too low"
+    with pytest.raises(ValueError, match="--quantize int8 can only say how its int4 layers are quantized"):
+        compile_model("demo", quantize="int8", **kw)

@@ -2,9 +2,8 @@
 
     memopt::linear_int8     -> DequantizeLinear(int8 weight, per-row scale, axis=0) + MatMul
     memopt::linear_int4     -> com.microsoft.MatMulNBits (4 bits, block = group size, uint8 zero points
-                               packed two per byte, low nibble first: the layout memopt already stores);
-                               a Hadamard input rotation is a Reshape + MatMul by one b x b block
-    memopt::hadamard        -> the same Reshape + MatMul (one rotation shared by the linears of one input)
+                               packed two per byte, low nibble first: the layout memopt already stores)
+    memopt::hadamard        -> Reshape + MatMul by one b x b Hadamard block (rotated int4 linears' input)
     memopt::embedding_int8  -> Gather of rows and scales + Mul
 
 `torch.onnx.export(..., dynamo=True, custom_translation_table=...)` does the rest. Runs on
@@ -59,25 +58,19 @@ def _translations() -> dict:
     def _bias(y, bias):
         return y if bias is None else op.Add(y, bias)
 
-    def rotate(x, block, k):
-        b = int(block)
+    def hadamard(x, block):
+        b, k = int(block), int(x.shape[-1])
         h = op.Reshape(op.Constant(value_floats=hadamard_matrix(b).flatten().tolist()), op.Constant(value_ints=[b, b]))
         blocks_shape = op.Concat(op.Shape(x, end=-1), op.Constant(value_ints=[k // b, b]), axis=0)
         return op.Reshape(op.MatMul(op.Reshape(x, blocks_shape), op.CastLike(h, x)), op.Shape(x))
-
-    def hadamard(x, block):
-        return rotate(x, block, int(x.shape[-1]))
 
     def linear_int8(x, qweight, scales, bias=None, act_int8=False):
         w = op.DequantizeLinear(qweight, op.Cast(scales, to=1), axis=0)  # [N, K] float32
         return _bias(op.MatMul(x, op.Transpose(w, perm=[1, 0])), bias)
 
-    def linear_int4(x, packed, scales, zeros, group_size, bias=None, outlier_idx=None, outlier_weight=None,
-                    hadamard=0):
+    def linear_int4(x, packed, scales, zeros, group_size, bias=None, outlier_idx=None, outlier_weight=None):
         n, half_k = packed.shape
         k = int(half_k) * 2
-        if hadamard:
-            x = rotate(x, hadamard, k)
         blocks = k // group_size
         b = op.Reshape(packed, op.Constant(value_ints=[int(n), blocks, group_size // 2]))
         s = op.Reshape(op.Cast(scales, to=1), op.Constant(value_ints=[-1]))

@@ -172,15 +172,15 @@ def _weight_passes(captured: Captured, quantize: str | None, skip: Sequence[str]
     return _recapture(result.gm, captured), notes, record, result.gm
 
 
-def _int4_how(fmt: str, quantize: str | None) -> str:
-    """A budget plan's format, with int4 layers quantized the way `quantize` says (`--budget` with
-    `--quantize int4:gptq:had`: the plan picks which layers are int4 and their group size, `quantize` picks
-    GPTQ / the rotation, which change no byte the plan priced)."""
+def _int4_how(fmt: str, how) -> str:
+    """A budget plan's format, with int4 layers quantized the way `how` (the parsed `--quantize`) says
+    (`--budget` with `--quantize int4:gptq:had`: the plan picks which layers are int4 and their group size,
+    `how` picks GPTQ / the rotation, which change no byte the plan priced)."""
     from memopt.passes.quant_config import Int4WeightConfig, parse_quantize_spec
 
-    if not quantize or not fmt.startswith("int4"):
+    if how is None or not fmt.startswith("int4"):
         return fmt
-    how, planned = parse_quantize_spec(quantize), parse_quantize_spec(fmt)
+    planned = parse_quantize_spec(fmt)
     return Int4WeightConfig(group_size=planned.group_size, outlier_fraction=planned.outlier_fraction,
                             method=how.method, hadamard=how.hadamard).spec
 
@@ -197,9 +197,9 @@ def _check_budget_quantize(quantize: str | None) -> None:
 
 
 def _needs_calibration(spec: str | None) -> bool:
-    from memopt.passes.quantize import parse_quantize_spec
+    from memopt.passes.quantize import _KEEP_FORMATS, parse_quantize_spec
 
-    if not spec or spec in ("native", "bf16", "fp16", "fp32"):
+    if spec in _KEEP_FORMATS or not spec:
         return False
     return bool(getattr(parse_quantize_spec(spec), "needs_calibration", False))
 
@@ -380,9 +380,11 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
         budget_plan = plan_budget(src, target=tgt, budget_bytes=budget, batch=captured.batch,
                                   seq=captured.seq or None, objective=objective, max_quality_loss=max_quality_loss,
                                   kv_host=kv_host)
+        from memopt.passes.quant_config import parse_quantize_spec
+
+        how = parse_quantize_spec(quantize) if quantize else None
         # a tied embedding is labelled "model.embed_tokens (tied lm_head)": the module name is the first word
-        formats = {d["name"].split(" (")[0]: _int4_how(d["format"], quantize)
-                   for d in budget_plan.to_json()["decisions"]}
+        formats = {d["name"].split(" (")[0]: _int4_how(d["format"], how) for d in budget_plan.to_json()["decisions"]}
         if any(f not in ("bf16", "native") for f in formats.values()) and "quantize" not in passes:
             passes.insert(0, "quantize")
         plan = plan.with_(passes=tuple(passes))

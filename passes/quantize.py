@@ -121,12 +121,13 @@ def _delete_weight(gm, site: WeightSite) -> None:
             _delete_attr(gm, name)
 
 
-def _replace(gm, old, op, args) -> None:
+def _replace(gm, old, op, args):
     with gm.graph.inserting_after(old):
         new = gm.graph.call_function(op, tuple(args))
     new.meta = dict(old.meta)
     old.replace_all_uses_with(new)
     gm.graph.erase_node(old)
+    return new
 
 
 def quantized_weight_bytes(gm) -> int:
@@ -234,22 +235,24 @@ class QuantizePass(Pass):
         return record_linear_inputs(gm, self.calibration_inputs, nodes, gram=gram)
 
 
+_ROTATION = "memopt_hadamard"  # node.meta key: the input Hadamard block of a linear_int4 with rotated weights
+
+
 def _share_rotations(gm) -> int:
-    """Rotate each input once: linear_int4 nodes that carry a Hadamard block (their last argument) and read
-    the same input get one `memopt::hadamard` node, inserted before the first of them, as their input.
+    """Rotate each input once: the linear_int4 nodes `_wire_int4` marked with a Hadamard block that read the
+    same input get one `memopt::hadamard` node, inserted before the first of them, as their input.
     Returns how many rotation nodes were inserted."""
     groups: dict[tuple, list] = {}
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is torch.ops.memopt.linear_int4.default \
-                and len(node.args) > 8 and node.args[8]:
-            groups.setdefault((node.args[0], node.args[8]), []).append(node)
+        if node.meta.get(_ROTATION):
+            groups.setdefault((node.args[0], node.meta.pop(_ROTATION)), []).append(node)
     for (x, block), linears in groups.items():
         with gm.graph.inserting_before(linears[0]):
             rot = gm.graph.call_function(torch.ops.memopt.hadamard.default, (x, block))
         if isinstance(x, torch.fx.Node) and "val" in x.meta:
             rot.meta["val"] = x.meta["val"]
         for lin in linears:
-            lin.args = (rot, *lin.args[1:8])
+            lin.args = (rot, *lin.args[1:])
     return len(groups)
 
 
@@ -372,7 +375,8 @@ def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | 
 
 def _wire_int4(gm, s: WeightSite, group_size: int, tensors: list[torch.Tensor], spec: str, rot: int = 0) -> str:
     """Register [packed, scales, zeros(, outlier_idx, outlier)] and point the site's linears at linear_int4
-    (`rot`: the input Hadamard block, 0 for none)."""
+    (`rot`: the input Hadamard block the weights are stored rotated by, 0 for none; `_share_rotations`
+    then gives the marked linears their rotated input)."""
     nodes = [s.attr]
     for suffix, t in zip(("_q", "_scale", "_zero", "_outlier_idx", "_outlier"), tensors):
         nodes.append(_set_buffer(gm, s.target + suffix, t, nodes[-1]))
@@ -380,8 +384,10 @@ def _wire_int4(gm, s: WeightSite, group_size: int, tensors: list[torch.Tensor], 
     extra = (nodes[3], nodes[4]) if len(nodes) == 5 else (None, None)
     for lin in s.linears:
         bias = lin.args[2] if len(lin.args) > 2 else None
-        _replace(gm, lin, torch.ops.memopt.linear_int4.default,
-                 (lin.args[0], *nodes[:3], group_size, bias, *extra, *((rot,) if rot else ())))
+        new = _replace(gm, lin, torch.ops.memopt.linear_int4.default,
+                       (lin.args[0], *nodes[:3], group_size, bias, *extra))
+        if rot:
+            new.meta[_ROTATION] = rot
     return spec
 
 

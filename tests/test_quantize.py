@@ -84,7 +84,7 @@ def test_rewritten_graph_reexports(models, fmt):
 
 
 def test_hadamard_rotation_is_exact_and_free():
-    """linear_int4 with `hadamard` computes (x R) (W R)^T = x W^T: with a W R that int4 holds exactly
+    """linear_int4 fed memopt::hadamard(x) computes (x R) (W R)^T = x W^T: with a W R that int4 holds exactly
     the rotated op equals the plain matmul, and the rotation stores nothing."""
     torch.manual_seed(0)
     x = torch.randn(3, 5, 256)
@@ -97,10 +97,10 @@ def test_hadamard_rotation_is_exact_and_free():
     w_rot = qops.dequantize_int4(packed, scales, zeros, 64)  # = W R
     w = qops.hadamard_rotate(w_rot, 128)  # R R = I: the weight this layer stands for
     want = x @ w.t()
-    got = torch.ops.memopt.linear_int4(x, packed.clone(), scales, zeros, 64, None, None, None, 128)
+    got = torch.ops.memopt.linear_int4(torch.ops.memopt.hadamard(x, 128), packed.clone(), scales, zeros, 64)
     assert (got - want).abs().max() <= 0.01 * want.abs().max()  # the CPU kernel runs in bf16
-    got_ref = torch.ops.memopt.linear_int4(x.reshape(-1, 256).repeat(20, 1), packed.clone(), scales, zeros, 64,
-                                           None, None, None, 128)  # > 128 rows: the fp32 reference path
+    x_rows = torch.ops.memopt.hadamard(x.reshape(-1, 256).repeat(20, 1), 128)
+    got_ref = torch.ops.memopt.linear_int4(x_rows, packed.clone(), scales, zeros, 64)  # > 128 rows: fp32 reference
     torch.testing.assert_close(got_ref, want.reshape(-1, 64).repeat(20, 1), atol=1e-3, rtol=1e-4)
     with pytest.raises(ValueError, match="K divisible"):
         qops.hadamard_rotate(x, 96)
@@ -121,10 +121,11 @@ def test_one_rotation_per_input(models):
     QuantizePass(_config("int4:g64:had"))(per_linear, None)
     for node in list(per_linear.graph.nodes):  # undo the sharing: each linear rotates its own input
         if node.target is torch.ops.memopt.linear_int4.default:
-            node.args = (node.args[0].args[0], *node.args[1:8], node.args[0].args[1])
-    for node in list(per_linear.graph.nodes):
-        if node.target is torch.ops.memopt.hadamard.default:
-            per_linear.graph.erase_node(node)
+            with per_linear.graph.inserting_before(node):
+                own = per_linear.graph.call_function(torch.ops.memopt.hadamard.default, node.args[0].args)
+            node.args = (own, *node.args[1:])
+    for node in rots:
+        per_linear.graph.erase_node(next(n for n in per_linear.graph.nodes if n.name == node.name))
     per_linear.recompile()
     with torch.no_grad():
         torch.testing.assert_close(gm(*args), per_linear(*args))

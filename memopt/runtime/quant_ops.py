@@ -9,7 +9,8 @@ Stored (canonical) formats, the ones artifacts save:
   `[N, n_out]`; their columns in `packed` dequantize to exactly 0 (block quantization with outliers).
   Optional input rotation (`hadamard` = b > 0, QuIP#/QuaRot-style incoherence processing): the stored
   weight is W R with R the block-diagonal orthonormal Hadamard matrix of blocks of b input channels, and
-  the op computes (x R) (W R)^T = x W^T; R is symmetric and rebuilt from b, so it costs no stored byte.
+  the graph feeds the linear `memopt::hadamard(x, b)` = x R, so (x R) (W R)^T = x W^T; R is symmetric and
+  rebuilt from b, so it costs no stored byte.
 
 Kernels (CPU): int8 uses `aten._weight_int8pack_mm` (bf16 activations) for up to 16 rows when
 K % 16 == 0 (it returns garbage or crashes for other K), else a tile-wise dequantize + matmul whose
@@ -290,7 +291,7 @@ def _(x, qweight, scales, bias=None, act_int8=False):
 
 @torch.library.custom_op("memopt::hadamard", mutates_args=())
 def hadamard(x: Tensor, block: int) -> Tensor:
-    """x R (see `hadamard_rotate`): the input rotation of int4 linears stored with `hadamard`, computed once
+    """x R (see `hadamard_rotate`): the input of int4 linears whose weights are stored rotated, computed once
     for all the linears that read the same input (a transformer's q/k/v, gate/up)."""
     return hadamard_rotate(x, block)
 
@@ -303,16 +304,13 @@ def _(x, block):
 @torch.library.custom_op("memopt::linear_int4", mutates_args=())
 def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
                 bias: Optional[Tensor] = None, outlier_idx: Optional[Tensor] = None,
-                outlier_weight: Optional[Tensor] = None, hadamard: int = 0) -> Tensor:
-    """y = x' @ W.T (+ x'[..., outlier_idx] @ outlier_weight.T) + bias with W the int4 group dequantization
-    and x' = x, or x rotated by blocks of `hadamard` channels when `hadamard` > 0.
+                outlier_weight: Optional[Tensor] = None) -> Tensor:
+    """y = x @ W.T (+ x[..., outlier_idx] @ outlier_weight.T) + bias with W the int4 group dequantization.
 
     x `[..., K]`, packed uint8 `[N, K/2]`, scales bf16 / zeros uint8 `[N, K/g]`, outlier_weight `[N, n_out]`.
     """
     n, k = packed.shape[0], packed.shape[1] * 2
     x2 = x.reshape(-1, k)
-    if hadamard:
-        x2 = hadamard_rotate(x2, hadamard)
     layout = None
     if x.device.type == "cpu" and x2.shape[0] <= _INT4_KERNEL_MAX_ROWS:
         layout = _cpu_int4_layout(packed, scales, zeros)
@@ -335,7 +333,7 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_
 
 
 @linear_int4.register_fake
-def _(x, packed, scales, zeros, group_size, bias=None, outlier_idx=None, outlier_weight=None, hadamard=0):
+def _(x, packed, scales, zeros, group_size, bias=None, outlier_idx=None, outlier_weight=None):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 

@@ -22,6 +22,8 @@ _LAZY = {
     "OptimizedModule": ("memopt.pipeline", "OptimizedModule"),
     "save": ("memopt.artifact", "save"),
     "load": ("memopt.artifact", "load"),
+    "verify": ("memopt.artifact", "verify"),
+    "ArtifactError": ("memopt.artifact", "ArtifactError"),
 }
 
 

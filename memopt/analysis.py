@@ -4,8 +4,10 @@ Builds a table of every tensor (bytes, dtype, shape, producer, consumers, kind),
 graph's order, the memory timeline and the live-set lower bound, and lowers it all to a
 `MemGraph` of plain ints and strings for the solvers.
 
-Storage model: ops whose schema says their result aliases an input (views, in-place ops,
-`getitem` of a multi-output op) create no storage; their uses extend the base tensor's lifetime.
+Storage model: ops whose schema says their result aliases an input (views, in-place ops) create no
+storage; their uses extend the base tensor's lifetime. Each tensor output of a multi-output op (topk,
+sort, max.dim, native_layer_norm) is a storage of its own, sized by itself and named `op[i]`; a `getitem`
+of it creates nothing and reads that storage.
 A tensor is live over [producer index, last use index]; graph inputs, weights and buffers from
 -1, graph outputs until len(ops). "Live at op i" includes op i's inputs and outputs.
 """
@@ -182,6 +184,7 @@ def analyze(captured: Captured) -> Analysis:
     n_ops = len(ops)
 
     base: dict[torch.fx.Node, str] = {}  # node -> name of the storage it lives in
+    elements: dict[torch.fx.Node, dict[int, str]] = {}  # multi-output op -> {output index: storage name}
     rows: dict[str, dict] = {}
     for node in graph.nodes:
         val = node.meta.get("val")
@@ -191,7 +194,11 @@ def analyze(captured: Captured) -> Analysis:
                                    scope="")
         elif node.op == "call_function" and isinstance(val, (torch.Tensor, tuple, list)):
             first = node.args[0] if node.args else None
-            if _aliases_input(node) and isinstance(first, torch.fx.Node) and first in base:
+            if node.target is operator.getitem and first in elements:
+                if node.args[1] in elements[first]:  # one output of a multi-output op: its own storage
+                    base[node] = elements[first][node.args[1]]
+                continue  # a non-tensor output (SymInt, None): no storage
+            if _aliases_input(node) and isinstance(first, torch.fx.Node) and base.get(first) in rows:
                 base[node] = base[first]
                 if isinstance(val, torch.Tensor):
                     rows[node.name] = dict(kind=rows[base[first]]["kind"], val=val, producer=node.name,
@@ -201,17 +208,13 @@ def analyze(captured: Captured) -> Analysis:
                 base[node] = node.name
                 rows[node.name] = dict(kind="activation", val=val, producer=node.name, start=index[node],
                                        alias_of="", scope=_scope(node))
-            else:  # a multi-output op: each tensor element is a storage, reached through getitem
-                base[node] = node.name
+            else:  # a multi-output op (topk, sort, max.dim, native_layer_norm, ...): each tensor output
+                elements[node] = {}  # is a storage of its own, sized by itself, reached through getitem
                 for i, v in enumerate(val):
                     if isinstance(v, torch.Tensor):
+                        elements[node][i] = f"{node.name}[{i}]"
                         rows[f"{node.name}[{i}]"] = dict(kind="activation", val=v, producer=node.name,
                                                          start=index[node], alias_of="", scope=_scope(node))
-    # getitem of a multi-output op points at the element's own storage
-    for node in ops:
-        if node.target is operator.getitem and node.args[0] in base and f"{node.args[0].name}[{node.args[1]}]" in rows:
-            base[node] = f"{node.args[0].name}[{node.args[1]}]"
-            rows.pop(node.name, None)
 
     end: dict[str, int] = {name: r["start"] for name, r in rows.items()}
     consumers: dict[str, list[str]] = {name: [] for name in rows}
@@ -219,14 +222,24 @@ def analyze(captured: Captured) -> Analysis:
     for name, r in rows.items():
         if not r["alias_of"]:
             produced.setdefault(r["producer"], []).append(name)
+    picked = {n: base[n] for n in ops if n.target is operator.getitem and n.args[0] in elements and n in base}
+
+    def consumer_key(arg: torch.fx.Node) -> str:  # a getitem's readers read the element's storage
+        return picked.get(arg, arg.name)
+
     op_inputs, op_outputs = [], []
     for node in ops:
+        if node in picked:  # getitem of a multi-output op: reads its element, writes nothing
+            end[picked[node]] = max(end[picked[node]], index[node])
+            op_inputs.append((picked[node],))
+            op_outputs.append(())
+            continue
         ins = []
         for arg in node.all_input_nodes:
             if arg in base and base[arg] in end:
                 end[base[arg]] = max(end[base[arg]], index[node])
-                if arg.name in consumers:
-                    consumers[arg.name].append(node.name)
+                if consumer_key(arg) in consumers:
+                    consumers[consumer_key(arg)].append(node.name)
                 if base[arg] not in ins:
                     ins.append(base[arg])
         op_inputs.append(tuple(ins))
@@ -239,7 +252,7 @@ def analyze(captured: Captured) -> Analysis:
         end[name] = n_ops
         if rows[name]["kind"] == "activation":
             rows[name]["kind"] = "output"
-        consumers.setdefault(out.name, []).append("output")
+        consumers.setdefault(consumer_key(out), []).append("output")
     for name, r in rows.items():
         if r["kind"] in ("weight", "buffer", "kv_cache"):
             end[name] = n_ops  # resident for the whole run

@@ -150,9 +150,13 @@ class BudgetPlan:
         }
 
     def to_plan(self) -> Plan:
-        """The decisions as a `Plan` for the passes (weight_format "native" for bf16, kv_policy "kivi:<bits>")."""
+        """The decisions as a `Plan` for the passes: weight_format "native" for bf16; kv_policy the full
+        `parse_kv_spec` string of the cache the planner priced, "kivi:k<bits>v<bits>:g<group>:r<residual>"
+        (the config's `kv_group_size` and `kv_residual`), or "full" at 16 bits."""
+        group, residual = self.config.kv_group_size, self.config.kv_residual
         decisions = tuple(LayerDecision(d.name, "native" if d.format == "bf16" else d.format, d.placement,
-                                        "full" if d.kv_bits in (None, 16) else f"kivi:{d.kv_bits}", d.bytes,
+                                        "full" if d.kv_bits in (None, 16)
+                                        else f"kivi:k{d.kv_bits}v{d.kv_bits}:g{group}:r{residual}", d.bytes,
                                         d.kv_placement)
                           for d in self.decisions)
         keys = ("predicted_peak_bytes", "predicted_prefill_s", "predicted_decode_s_per_token", "quality_loss", "fits")

@@ -75,7 +75,7 @@ def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, se
         dynamic_shapes = tuple({0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for _ in args)
     else:
         args = source.example_inputs(batch, seq)
-    ep = _export(module, args, {}, dynamic_shapes, source)
+    ep = _aten_grouped_mm(_export(module, args, {}, dynamic_shapes, source))
     seq_len = args[0].shape[1] if source.fixed_inputs is None and args[0].dim() > 1 else 0
     return Captured(ep, phase, source, args, {}, args[0].shape[0] if seq_len else batch, seq_len, 0,
                     dynamic_shapes is not None, [], dynamic_shapes)
@@ -116,7 +116,7 @@ def _capture_decode(source: ModelSource, batch: int, cache_len: int, dynamic: bo
     if dynamic:
         dim = Dim("tokens", min=1, max=cache_len)
         shapes = {"input_ids": {1: dim}, "cache_position": {0: dim}}
-    ep = _export(wrapper, (), kwargs, shapes, source)
+    ep = _aten_grouped_mm(_export(wrapper, (), kwargs, shapes, source))
     return Captured(ep, "decode", source, (), kwargs, batch, tokens, cache_len, dynamic,
                     [f"decode step with a static KV cache of {cache_len} tokens"], shapes)
 
@@ -138,6 +138,29 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, source
                 except Exception:
                     pass
             raise CaptureError(_explain(exc, module, source)) from exc
+
+
+def _aten_grouped_mm(ep: ExportedProgram) -> ExportedProgram:
+    """transformers' `grouped_mm_fallback` custom op (how its float32 MoE experts export) -> `aten._grouped_mm`,
+    which computes the same rows (`x` `[S, K]` sorted by expert, `w` `[E, K, N]`, `offs` `[E]`) and which a saved
+    program may call: artifacts load aten and memopt ops only. Kept where aten's kernel would refuse the strides
+    (every stride but the unit one a multiple of 16 bytes)."""
+    def aligned(v) -> bool:
+        try:
+            return isinstance(v, torch.Tensor) and all(int(s) == 1 or int(s) * v.element_size() % 16 == 0
+                                                       for s in v.stride())
+        except Exception:  # a symbolic stride: keep the fallback
+            return False
+
+    changed = False
+    for node in ep.graph.nodes:
+        if node.op == "call_function" and str(node.target) == "transformers.grouped_mm_fallback.default" \
+                and all(aligned(a.meta.get("val")) for a in node.args[:2] if isinstance(a, torch.fx.Node)):
+            node.target = torch.ops.aten._grouped_mm.default
+            changed = True
+    if changed:
+        ep.graph_module.recompile()
+    return ep
 
 
 def _explain(exc: Exception, root: nn.Module, source: ModelSource) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cache", type=int, default=None, metavar="TOKENS",
                    help="decoders: KV-cache capacity of the generation program (default min(2048, context))")
     p.add_argument("--onnx", action="store_true", help="also write model.onnx for ONNX Runtime")
+    p.add_argument("--force", action="store_true",
+                   help="replace -o DIR even when it is an existing directory that is not a memopt artifact")
+    p.add_argument("--sign-key", default=None, metavar="FILE",
+                   help="sign the manifest with the key in FILE (HMAC-SHA256); load with --key FILE")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="load an artifact directory and run it")
@@ -83,8 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="torch", choices=("torch", "onnx"), help="torch (default) or onnx")
     p.add_argument("--device", default="cpu", help="torch engine: run on this device, e.g. cuda (offloaded "
                                                    "weights and KV caches stay in pinned host memory)")
+    p.add_argument("--key", default=None, metavar="FILE", help="refuse the artifact unless its manifest is "
+                                                                "signed with the key in FILE")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("verify", help="check an artifact (manifest, every file's SHA-256, signature) without "
+                                      "running or deserializing anything")
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument("--key", default=None, metavar="FILE", help="also check the manifest's signature under this key")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("targets", help="list the built-in target devices")
     p.add_argument("--json", action="store_true")
@@ -135,6 +148,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return cmd_plan_only(args)
     if not args.output:
         raise ValueError("memopt compile needs -o DIR for the artifact (or --plan-only to only print the plan)")
+    from memopt.outdir import check_output
+
+    check_output(args.output, force=args.force)  # before any work: never destroy data, fail early
+    key = _read_key(args.sign_key)
     passes = [p.strip() for p in args.passes.split(",") if p.strip()]
     result = compile_model(args.model, target=args.target, passes=passes, batch=args.batch, seq=args.seq,
                            quantize=args.quantize, quantize_skip=args.quantize_skip, arena_solver=args.solver,
@@ -142,7 +159,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                            budget=args.budget, objective=args.objective, max_quality_loss=args.max_quality_loss,
                            offload=args.offload, reorder=args.reorder, kv=args.kv, offload_kv=args.offload_kv,
                            kv_host=args.kv_host, calibration=args.calibration, verbose=not args.json)
-    out = save(result.module, args.output, programs=result.programs, onnx=args.onnx, report=result)
+    out = save(result.module, args.output, programs=result.programs, onnx=args.onnx, report=result,
+               force=args.force, key=key)
     plan = result.plan
     summary = {"output": str(out), "model": plan.model, "target": plan.target, "passes": list(plan.passes),
                "batch": plan.batch, "seq": plan.seq, **plan.predictions, "notes": result.notes}
@@ -175,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from memopt.run import run_artifact
 
     summary = run_artifact(args.directory, prompt=args.prompt, inputs=args.inputs, engine=args.engine,
-                           max_new_tokens=args.max_new_tokens, device=args.device)
+                           max_new_tokens=args.max_new_tokens, device=args.device, key=_read_key(args.key))
     if args.json:
         print(json.dumps(summary, indent=1))
     elif "text" in summary:
@@ -184,6 +202,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         for name, info in summary["outputs"].items():
             print(f"{name}: shape {info['shape']} {info['dtype']}  mean {info['mean']:.6g}  std {info['std']:.6g}")
         print(f"({summary['engine']}, {summary['seconds']:.3f} s)")
+    return 0
+
+
+def _read_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        key = open(path, "rb").read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read key file {path!r} ({exc.strerror}); pass a readable file") from None
+    if not key:
+        raise ValueError(f"key file {path!r} is empty; put a secret in it")
+    return key
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from memopt.artifact import verify
+
+    manifest = verify(args.directory, key=_read_key(args.key))
+    files = manifest["files"]
+    total = sum(f["bytes"] for f in files.values())
+    signed = " and its signature" if args.key else ""
+    print(f"ok: {args.directory}: {len(files)} files ({fmt_bytes(total)}){signed} verified; nothing was run")
     return 0
 
 
@@ -203,11 +244,35 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+_LEAST = {"batch": (1, "a batch size"), "seq": (1, "a number of tokens"), "max_cache": (1, "a number of tokens"),
+          "tensors": (0, "how many tensors to list")}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Sizes and limits, refused by flag name before any model is loaded."""
+    from memopt.units import parse_bytes
+
+    for name, (least, what) in _LEAST.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}; pass {what}")
+    limit = getattr(args, "time_limit", None)
+    if limit is not None and not (math.isfinite(limit) and limit > 0):
+        raise ValueError(f"--time-limit must be a finite number of seconds > 0, got {limit}; pass e.g. --time-limit 10")
+    loss = getattr(args, "max_quality_loss", None)
+    if loss is not None and not (math.isfinite(loss) and loss >= 0):
+        raise ValueError(f"--max-quality-loss must be a finite number >= 0, got {loss}")
+    budget = getattr(args, "budget", None)
+    if budget is not None and parse_bytes(budget, what="--budget") <= 0:
+        raise ValueError(f"--budget must be a positive byte count, got {budget!r}; pass e.g. --budget 20GiB")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
+        _check_numbers(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as exc:
         if os.environ.get("MEMOPT_DEBUG"):

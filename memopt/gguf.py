@@ -111,7 +111,12 @@ def gguf_to_hf_config(info: GGUFInfo):
         gguf_key = f"tokenizer.ggml.{'padding' if token == 'pad' else token}_token_id"
         if gguf_key in meta:
             kwargs[f"{token}_token_id"] = meta[gguf_key]
-    return AutoConfig.for_model(SUPPORTED_ARCHITECTURES[arch], **kwargs)
+    try:
+        return AutoConfig.for_model(SUPPORTED_ARCHITECTURES[arch], **kwargs)
+    except Exception as e:  # transformers' config validation (a string where a number belongs, ...)
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ValueError(f"{info.path}: its {arch} metadata does not make a valid config ({detail}); the file is "
+                         "corrupt: re-convert it with a current llama.cpp") from None
 
 
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -164,6 +169,9 @@ def _parse_header(blob, path: Path) -> tuple[dict, list, int]:
         type_name, nbytes = _tensor_bytes(name, ggml_type, shape, path)
         entries.append((name, type_name, shape, nbytes, offset))
     alignment = metadata.get("general.alignment", 32)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1:
+        raise ValueError(f"{path}: general.alignment is {alignment!r}, not a positive integer (GGUF's default is 32); "
+                         "the file is corrupt: re-convert it with a current llama.cpp")
     return metadata, entries, (pos + alignment - 1) // alignment * alignment
 
 
@@ -228,17 +236,20 @@ def _info(path: Path, meta: dict, tensors: tuple, file_bytes: int) -> GGUFInfo:
     if not isinstance(arch, str):
         raise ValueError(f"{path} has no general.architecture in its metadata; it is not a model file")
 
-    def key(name: str, default: Any = None) -> Any:
+    def key(name: str, default: Any = None) -> int:
         value = meta.get(f"{arch}.{name}", default)
         if value is None:
             raise ValueError(f"{path} ({arch}) has no {arch}.{name} in its metadata; memopt needs it "
                              f"to size the model. Supported architectures: {sorted(SUPPORTED_ARCHITECTURES)}")
+        # some architectures give head counts per layer (a list); the widest layer sizes the model
+        value = max(value) if isinstance(value, list) and value else value
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{path}: {arch}.{name} is {value!r}, not a positive integer; the file's metadata is "
+                             "corrupt: re-convert it with a current llama.cpp")
         return value
 
-    # some architectures give head counts per layer (a list); the widest layer sizes the model
-    widest = lambda v: max(v) if isinstance(v, list) else v  # noqa: E731
-    hidden, heads = key("embedding_length"), widest(key("attention.head_count"))
-    kv_heads = widest(key("attention.head_count_kv", heads))
+    hidden, heads = key("embedding_length"), key("attention.head_count")
+    kv_heads = key("attention.head_count_kv", heads)
     shapes = {name: shape for name, _, shape, _ in tensors}
     vocab = meta.get(f"{arch}.vocab_size") or meta.get("tokenizer.ggml.tokens")
     vocab = vocab or shapes.get("token_embd.weight", (0,))[0]

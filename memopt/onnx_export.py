@@ -127,14 +127,15 @@ def _dedupe_constants(model) -> None:
     DeduplicateInitializersPass(size_limit=1 << 20)(model)
 
 
-def run_onnx(path: str | Path, args: tuple, providers: list[str] | None = None):
-    """Run a memopt ONNX file with ONNX Runtime (CUDA first when onnxruntime-gpu has it)."""
+def run_onnx(path: str | Path | bytes, args: tuple, providers: list[str] | None = None):
+    """Run a memopt ONNX file (a path, or the model's bytes) with ONNX Runtime (CUDA first when
+    onnxruntime-gpu has it)."""
     import onnxruntime as ort
 
     if providers is None:
         available = ort.get_available_providers()
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-    sess = ort.InferenceSession(str(path), providers=providers)
+    sess = ort.InferenceSession(path if isinstance(path, bytes) else str(path), providers=providers)
     feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
     outs = sess.run(None, feeds)
     return tuple(torch.from_numpy(o) for o in outs) if len(outs) > 1 else torch.from_numpy(outs[0])

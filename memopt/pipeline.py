@@ -20,6 +20,7 @@ from torch import nn
 
 from memopt.analysis import Analysis, analyze
 from memopt.capture import Captured, capture
+from memopt.checks import check_source, check_specs
 from memopt.plan import LayerDecision, Plan
 from memopt.sources import ModelSource, resolve_source
 from memopt.targets import get_target
@@ -311,6 +312,65 @@ def _format_for(layer: str, decisions: dict, default: str | None = "native") -> 
     return "native" if fmt in ("bf16", "fp16", "native") else fmt
 
 
+def _decisions(before: Captured, fwd: Captured, gen: Captured | None, weights: dict, kv_meta: dict | None,
+               budget_names: Sequence[str] = ()) -> tuple[LayerDecision, ...]:
+    """The Plan's rows, merged from what each pass did: the quantize record (each rewritten weight and its
+    format), the offload records (blocks on host, in either program), the KV pass's per-layer policies and
+    the KV offload record (caches on host), plus a row for every block a budget plan decided on. Blocks are
+    named as in the programs (`model.model.layers.1`); rows come block by block in graph order."""
+    from memopt.kv import kv_config_from_json
+    from memopt.passes.offload import block_of
+    from memopt.plan_check import LAYER_INDEX, kv_policy_spec
+
+    known = list(dict.fromkeys(block_of(n) for n in before.exported.state_dict))
+    rows: dict[str, dict] = {layer: {"weight_format": r["format"], "bytes": r["bytes"]} for layer, r in weights.items()}
+    host: dict[str, dict] = {}
+    for c in (fwd, gen):
+        if c is not None:
+            host.update(c.exported.graph_module.meta.get("memopt_offload", {}).get("blocks", {}))
+    by_index = {int(m.group(1)): b for b in known if (m := LAYER_INDEX.search(b))}
+    if kv_meta is not None:
+        policy = kv_config_from_json(kv_meta["policy"])
+        for i in kv_meta["layers"]:
+            layer_policy = policy.for_layer(int(i)) if hasattr(policy, "for_layer") else policy
+            rows.setdefault(by_index[int(i)], {})["kv_policy"] = kv_policy_spec(layer_policy)
+    for u in (gen.exported.graph_module.meta.get("memopt_kv_offload", {}) if gen else {}).get("layers", {}).values():
+        rows.setdefault(u["block"], {})["kv_placement"] = "host"
+    state = {n: t for n, t in fwd.exported.state_dict.items() if not n.startswith("_memopt")}
+    held = {block_of(n) for n in state} | {block_of(w["weight"]) for w in weights.values()}
+    for b in [*host, *(b for name in budget_names for b in known if f".{b}".endswith(f".{name}") and b in held)]:
+        rows.setdefault(b, {})  # a tied table the programs read under its other name (lm_head) has that row
+    for name, r in rows.items():
+        if name not in weights:  # a block: the one format of its quantized weights
+            formats = {w["format"] for w in weights.values() if block_of(w["weight"]) == name}
+            r["weight_format"] = formats.pop() if len(formats) == 1 else ("mixed" if formats else "native")
+            r["bytes"] = host[name]["weight_bytes"] if name in host else sum(
+                t.nbytes for n, t in state.items() if block_of(n) == name)
+        if (block_of(weights[name]["weight"]) if name in weights else name) in host:
+            r["placement"] = "host"
+    rank = {b: i for i, b in enumerate(known)}
+    key = lambda n: (rank.get(block_of(weights[n]["weight"]) if n in weights else n, len(rank)), n in weights)  # noqa: E731
+    return tuple(LayerDecision(name, **rows[name]) for name in sorted(rows, key=key))
+
+
+def _budget_divergence(decisions, budget_plan, formats: dict, *, kv_given: bool, generation: bool) -> list[str]:
+    """Notes where the programs hold something other than the budget plan chose (a format a layer cannot
+    take, a block that cannot move; the passes' notes say why). The Plan says what the programs hold."""
+    rows = {d.name: d for d in decisions}
+    notes = []
+    for d in budget_plan.to_plan().decisions:
+        name = d.name.split(" (")[0]
+        want = {"weight_format": _format_for(name, formats), "placement": d.placement}
+        if generation and not kv_given:
+            want.update(kv_policy=d.kv_policy, kv_placement=d.kv_placement)
+        for row in (r for n, r in rows.items() if f".{n}".endswith(f".{name}")):
+            for field_name, value in want.items():
+                if getattr(row, field_name) != value:
+                    notes.append(f"{row.name}: the budget plan chose {field_name} {value!r}; the programs hold "
+                                 f"{getattr(row, field_name)!r} (see the passes' notes)")
+    return notes
+
+
 def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, target: str = "h100-80gb",
                   passes: Sequence[str] = ("arena",), batch: int = 1, seq: int | None = None,
                   quantize: str | None = None, quantize_skip: Sequence[str] = (), arena_solver: str = "cbc",
@@ -342,10 +402,9 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
     if "quantize" in passes and not quantize and budget is None:
         quantize = "int8"
     tgt = get_target(target)
-    if kv:
-        from memopt.kv.policy import parse_kv_spec
-
-        parse_kv_spec(kv)  # a bad policy fails here, before any capture
+    check_specs(batch=batch, seq=seq, max_cache=max_cache, time_limit_s=time_limit_s, arena_solver=arena_solver,
+                quantize=quantize, kv=kv, offload=offload, offload_kv=offload_kv, calibration=calibration,
+                budget=budget, objective=objective, max_quality_loss=max_quality_loss)  # before any capture
     if budget is not None:
         _check_budget_quantize(quantize)
     say = (lambda m: print(f"memopt: {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
@@ -359,6 +418,8 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
     if src.on_meta:
         raise ValueError(f"{src.name} has no weights (built on the meta device); compile needs real weights — "
                          "use memopt inspect to plan it, or pass a model directory with safetensors")
+    check_source(src, batch=batch, seq=seq, max_cache=max_cache, budget=budget, kv=kv, offload_kv=offload_kv,
+                 generation=generation, quantize=quantize, calibration=calibration)
     say(f"capturing {src.name}")
     captured = capture(src, batch=batch, seq=seq)
     before = analyze(captured)
@@ -399,9 +460,7 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
             gen, _, _, _ = _weight_passes(gen, quantize, quantize_skip, say, formats, reuse=quantized)
             shared = _share_state(captured, gen)
             say(f"generation program shares {shared} weight tensors with the {captured.phase} program")
-        plan = plan.with_(pass_configs={**plan.pass_configs, "quantize": quantize or "budget plan"},
-                          decisions=tuple(LayerDecision(name, weight_format=r["format"], bytes=r["bytes"])
-                                          for name, r in weights_record.items()))
+        plan = plan.with_(pass_configs={**plan.pass_configs, "quantize": quantize or "budget plan"})
     if "offload" in passes:
         from memopt.passes.offload import OffloadConfig, OffloadPass
 
@@ -455,6 +514,11 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
         plan = plan.with_(arena=arena, pass_configs={**plan.pass_configs, "arena": config.to_json()})
         result = ArenaPass(config)(gm, plan)
         gm, notes = result.gm, notes + result.notes
+    budget_names = [d.name.split(" (")[0] for d in budget_plan.decisions] if budget_plan is not None else []
+    decisions = _decisions(before.captured, captured, gen, weights_record, kv_meta, budget_names)
+    if budget_plan is not None:
+        notes += _budget_divergence(decisions, budget_plan, formats, kv_given=bool(kv), generation=gen is not None)
+    plan = plan.with_(decisions=decisions, order=tuple(analysis.op_names) if "arena" in passes else None)
     plan = plan.with_(predictions={
         "weights_bytes_before": before.weights_bytes,
         "weights_bytes": _state_bytes(captured),
@@ -471,6 +535,9 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, 
     generator = gen.module() if gen is not None else None
     if generator is not None and kv_meta is not None:
         generator.meta["memopt_kv"] = kv_meta
+    from memopt.plan_check import check_plan
+
+    check_plan(plan, {"program": gm, "generate": generator})  # the plan says what the programs do
     module = OptimizedModule(gm, plan, {"notes": notes}, generator=generator, tokenizer=src.tokenizer)
     result = CompileResult(module, plan, src, captured, analysis, before, gen, notes)
     module.programs = result.programs  # what memopt.save writes

@@ -38,10 +38,18 @@ class ArenaPlan:
 
 @dataclass(frozen=True)
 class LayerDecision:
-    """What the planner chose for one weight / layer."""
+    """What was decided for one weight or one block, as the emitted programs carry it.
+
+    `name` is a weight's layer (`model.model.layers.0.self_attn.q_proj`: a weight the quantize pass
+    rewrote) or a block (`model.model.layers.0`: offloaded, a decoder layer's KV cache, or a budget plan's
+    decision), or both (`model.lm_head`). A block's `weight_format` is the one format of its quantized
+    weights ("native" when none is, "mixed" when they differ: their own rows say which). A weight or block
+    without a row is native, on the device, with a full KV cache on the device. `kv_policy` is the full
+    `parse_kv_spec` string (`kivi:k4v2:g32:r128`, `streaming:4:28`, `full`). `memopt.plan_check.verify_plan`
+    reads the programs back against these rows."""
 
     name: str
-    weight_format: str = "native"  # native | int8 | int4:g64 | lossless
+    weight_format: str = "native"  # native | int8 | int8:dyn | int4:g64[:gptq][:had][:oF] | lossless | mixed
     placement: str = "device"  # device | host
     kv_policy: str = "full"
     bytes: int = 0

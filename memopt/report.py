@@ -53,9 +53,12 @@ def write_report(result, directory: Path) -> None:
                  ("arena solver", f"{a.solver.name}: {a.solver.status}, {a.solver.time_s:.2f} s, gap {a.solver.gap:.2%}")]
     if p.get("kv_cache_bytes"):
         rows.append(("KV cache (generation program)", fmt_bytes(p["kv_cache_bytes"])))
+    if plan.order is not None:
+        rows.append(("operator order", f"{len(plan.order)} ops, planned (plan.json: order)"))
     table = "\n".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
-    layers = "\n".join(f"<tr><td>{html.escape(d.name)}</td><td>{html.escape(d.weight_format)}</td>"
-                       f"<td>{html.escape(d.placement)}</td><td>{fmt_bytes(d.bytes)}</td></tr>" for d in plan.decisions)
+    cells = lambda d: (d.name, d.weight_format, d.placement, d.kv_policy, d.kv_placement, fmt_bytes(d.bytes))  # noqa: E731
+    layers = "\n".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells(d)) + "</tr>"
+                       for d in plan.decisions)
     notes = "\n".join(f"<li>{html.escape(n)}</li>" for n in result.notes)
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>memopt report: {html.escape(plan.model)}</title>
@@ -65,7 +68,9 @@ th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}</style></head><bo
 <table>{table}</table>
 <h2>Memory timeline</h2><img src="memory.png" alt="memory before and after" width="100%">
 <h2>Per-layer decisions</h2>
-<table><tr><th>layer</th><th>format</th><th>placement</th><th>bytes</th></tr>{layers or '<tr><td colspan=4>all weights native</td></tr>'}</table>
+<p>A weight or block without a row is native, on the device, with a full KV cache on the device.</p>
+<table><tr><th>weight / block</th><th>format</th><th>placement</th><th>KV policy</th><th>KV placement</th><th>bytes</th></tr>
+{layers or '<tr><td colspan=6>all weights native, on the device</td></tr>'}</table>
 <h2>Notes</h2><ul>{notes}</ul>
 </body></html>
 """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,13 +12,15 @@ from memopt.artifact import ArtifactError, load, load_plan
 
 def _example_inputs(plan, directory: Path) -> tuple:
     """Inputs of the compiled shape, read from the plan (random token ids / values, seeded)."""
-    spec = json.loads((directory / "plan.json").read_text()).get("inputs")
+    from memopt.program_io import DTYPES
+
+    spec = plan.inputs
     if not spec:
         raise ArtifactError(f"{directory} records no input shapes; pass --inputs FILE")
     gen = torch.Generator().manual_seed(0)
     out = []
     for item in spec:
-        dtype = getattr(torch, item["dtype"])
+        dtype = DTYPES[item["dtype"]]  # checked when the plan was read
         if dtype.is_floating_point:
             out.append(torch.randn(item["shape"], generator=gen).to(dtype))
         elif item.get("role") == "mask":
@@ -58,13 +59,13 @@ def _describe(outputs) -> dict:
 
 
 def run_artifact(directory: str, *, prompt: str | None = None, inputs: str | None = None, engine: str = "torch",
-                 max_new_tokens: int = 48, device: str = "cpu") -> dict:
+                 max_new_tokens: int = 48, device: str = "cpu", key: bytes | None = None) -> dict:
     directory_p = Path(directory)
-    plan = load_plan(directory_p)
+    plan = load_plan(directory_p, key=key)
     if prompt is not None:
         if engine != "torch":
             raise ValueError("--prompt runs the generation program with --engine torch; ONNX runs the forward program")
-        module = load(directory_p, device=device)
+        module = load(directory_p, device=device, key=key)
         if module.generator is None:
             raise ValueError(f"{plan.model} is not a decoder LM; run it with --inputs FILE instead of --prompt")
         t0 = time.perf_counter()
@@ -74,10 +75,10 @@ def run_artifact(directory: str, *, prompt: str | None = None, inputs: str | Non
     args = _read_inputs(inputs) if inputs else _example_inputs(plan, directory_p)
     t0 = time.perf_counter()
     if engine == "onnx":
-        from memopt.onnx_export import run_onnx
+        from memopt.artifact import read_onnx
 
-        outputs = run_onnx(directory_p / "model.onnx", args)
+        outputs = read_onnx(directory_p, key=key)(args)
     else:
-        module = load(directory_p, device=device)
+        module = load(directory_p, device=device, key=key)
         outputs = module(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
     return {"model": plan.model, "engine": engine, "outputs": _describe(outputs), "seconds": time.perf_counter() - t0}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import traceback
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -27,6 +28,10 @@ from torch import nn
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 BUILTINS = ("demo", "minilm", "smollm2")
+MAX_LAYERS = 10_000  # sanity limits on a config, checked before anything is built
+MAX_PARAMS = 10**13
+_SIZE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "max_position_embeddings")
 
 DEMO_CONFIG = dict(
     vocab_size=1024, hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
@@ -166,10 +171,36 @@ def _config_dtype(config, override: torch.dtype | None) -> torch.dtype:
     return d if isinstance(d, torch.dtype) else torch.float32
 
 
-def build_on_meta(config, dtype: torch.dtype | None = None) -> tuple[nn.Module, str, torch.dtype]:
+def check_config_size(config, name: str) -> None:
+    """Refuse a config no real model has before building it (10**6 layers would build for minutes, even
+    on the meta device): a size field that is not a positive int, over MAX_LAYERS layers or MAX_PARAMS
+    parameters (estimated from the dense shapes)."""
+    dims = {}
+    for key in _SIZE_FIELDS:
+        value = getattr(config, key, None)
+        if value is None or isinstance(value, list):  # absent, or per-layer lists (sized elsewhere)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise SourceError(f"{name}: config field {key} must be a positive integer, got {value!r}; "
+                              "fix the model's config")
+        dims[key] = value
+    layers, hidden = dims.get("num_hidden_layers", 1), dims.get("hidden_size", 0)
+    if layers > MAX_LAYERS:
+        raise SourceError(f"{name}: num_hidden_layers {layers} is more than {MAX_LAYERS:,}, beyond any real model; "
+                          "fix the model's config")
+    inter = dims.get("intermediate_size", 4 * hidden)
+    params = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * dims.get("vocab_size", 0) * hidden
+    if params > MAX_PARAMS:
+        raise SourceError(f"{name}: about {params:.3g} parameters (num_hidden_layers {layers}, hidden_size {hidden}, "
+                          f"intermediate_size {inter}, vocab_size {dims.get('vocab_size')}) is more than "
+                          f"{MAX_PARAMS:.0e}, beyond any real model; fix the model's config")
+
+
+def build_on_meta(config, dtype: torch.dtype | None = None, name: str = "") -> tuple[nn.Module, str, torch.dtype]:
     """Instantiate a transformers config on the meta device: shapes and dtypes, no memory."""
     from transformers import AutoModel, AutoModelForCausalLM
 
+    check_config_size(config, name or getattr(config, "model_type", "model"))
     family = _family_of(config)
     dtype = _config_dtype(config, dtype)
     auto = AutoModelForCausalLM if family == "causal_lm" else AutoModel
@@ -184,7 +215,7 @@ def _from_preset(name: str, dtype: torch.dtype | None) -> ModelSource:
     raw = {k: v for k, v in preset_config(name).items() if not k.startswith("_")}
     model_type = raw.pop("model_type")
     config = AutoConfig.for_model(model_type, **raw)
-    model, family, _ = build_on_meta(config, dtype)
+    model, family, _ = build_on_meta(config, dtype, name)
     return ModelSource(name, model, family, config, on_meta=True,
                        notes=[f"preset {name}: built on the meta device in {model.dtype} (no weights)"])
 
@@ -216,10 +247,11 @@ def _minilm(dtype: torch.dtype | None) -> ModelSource:
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_dir()
-    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa").eval()
+    model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False,
+                                      attn_implementation="sdpa").eval()
     if dtype is not None:
         model = model.to(dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     return ModelSource("minilm", model, "encoder", model.config, tokenizer=tokenizer, pooled=True,
                        notes=["minilm: all-MiniLM-L6-v2 (real weights), output = normalized mean-pooled embedding"])
 
@@ -240,37 +272,70 @@ def _from_gguf(path: Path, dtype: torch.dtype | None, load_weights: bool) -> Mod
     from memopt import gguf
 
     info = gguf.read_gguf_header(path)
+    config = gguf.gguf_to_hf_config(info)
     if not load_weights:
-        config = gguf.gguf_to_hf_config(info)
-        model, family, _ = build_on_meta(config, dtype or torch.bfloat16)
+        model, family, _ = build_on_meta(config, dtype or torch.bfloat16, path.name)
         return ModelSource(path.name, model, family, config, on_meta=True, weights_bytes_override=info.weights_bytes,
                            notes=[f"{path.name}: planned from the GGUF header; weights as stored in the file"])
+    check_config_size(config, path.name)
     model, tokenizer = gguf.load_gguf_model(path, dtype=dtype or torch.float32)
     return ModelSource(path.name, model, "causal_lm", model.config, tokenizer=tokenizer,
                        notes=[f"{path.name}: loaded from GGUF, dequantized to {model.dtype}"])
 
 
 def _from_hf_dir(path: Path, dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
         raise SourceError(f"directory {str(path)!r} has no config.json; a Hugging Face model directory needs "
                           "config.json and *.safetensors")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    config = _read_config(path / "config.json")
     has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
     if not has_weights or not load_weights:
-        model, family, _ = build_on_meta(config, dtype)
+        model, family, _ = build_on_meta(config, dtype, path.name)
         note = "config only: built on the meta device" if not has_weights else "built on the meta device for planning"
         return ModelSource(path.name, model, family, config, on_meta=True, notes=[f"{path.name}: {note}"])
+    check_config_size(config, path.name)
     family = _family_of(config)
     auto = AutoModelForCausalLM if family == "causal_lm" else AutoModel
-    model = auto.from_pretrained(path, local_files_only=True, dtype=dtype or "auto").eval()
+    model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype or "auto").eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception:  # a model directory without a tokenizer is fine
         tokenizer = None
     pooled = (path / "modules.json").is_file() and family == "encoder"
     return ModelSource(path.name, model, family, config, tokenizer=tokenizer, pooled=pooled)
+
+
+def _read_config(file: Path):
+    """The transformers config of a model directory; a broken config.json is one line naming the file."""
+    from transformers import AutoConfig
+
+    _check_json(file)
+    try:
+        return AutoConfig.from_pretrained(file.parent, local_files_only=True, trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError or its own validation errors
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise SourceError(f"{file} is not a config transformers can read: {detail}") from None
+
+
+def _check_json(file: Path) -> None:
+    """A config.json that is not a JSON object of sane sizes: one line naming the file and the problem."""
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{file} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}); fix it or "
+                          "copy the model's config.json again") from None
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{file} is not UTF-8 text ({e.reason}); copy the model's config.json again") from None
+    if not isinstance(raw, dict):
+        raise SourceError(f"{file} holds a JSON {type(raw).__name__}, not an object of config fields; "
+                          "copy the model's config.json again")
+    for key in _SIZE_FIELDS:
+        value = raw.get(key)
+        if value is not None and not isinstance(value, list) and (isinstance(value, bool) or not isinstance(value, int)
+                                                                  or value < 1):
+            raise SourceError(f"{file}: {key} must be a positive integer, got {value!r}; fix the config")
 
 
 def _from_factory(spec: str) -> ModelSource:
@@ -280,17 +345,40 @@ def _from_factory(spec: str) -> ModelSource:
         raise SourceError(f"file {file!r} does not exist; write path/to/file.py:factory")
     module_spec = importlib.util.spec_from_file_location(f"memopt_user_{path.stem}", path)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's code: any error, told in one line with its place
+        raise _user_error(f"loading {file}", path, exc) from exc
     factory: Callable | None = getattr(module, func, None)
     if not callable(factory):
         names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise SourceError(f"{file} has no function {func!r}; callables there: {', '.join(names) or 'none'}")
-    result = factory()
+    try:
+        result = factory()
+    except Exception as exc:
+        raise _user_error(f"model factory {spec}", path, exc) from exc
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], nn.Module)):
-        raise SourceError(f"{spec} must return (module, example_inputs), got {type(result).__name__}")
+        got = type(result).__name__ if not isinstance(result, tuple) else f"a tuple of {len(result)}"
+        raise SourceError(f"model factory {spec} must return (module, example_inputs), got {got}; "
+                          "return e.g. (model, (torch.randn(1, 16),))")
     model, inputs = result
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    if not any(isinstance(a, torch.Tensor) for a in inputs):
+        raise SourceError(f"model factory {spec} returned example_inputs with no tensor "
+                          f"({', '.join(type(a).__name__ for a in inputs) or 'empty'}); return at least one tensor")
     return ModelSource(f"{path.stem}:{func}", model.eval(), "module", fixed_inputs=inputs)
+
+
+def _user_error(what: str, path: Path, exc: Exception) -> SourceError:
+    """One line for an error in the user's file: `what` raised Type: message (file line N)."""
+    if isinstance(exc, SyntaxError):
+        where = f"{Path(exc.filename or path).name} line {exc.lineno}"
+        return SourceError(f"{what} failed: SyntaxError: {exc.msg} ({where}); fix the file and retry")
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if Path(f.filename).resolve() == path.resolve()] or frames[-1:]
+    where = f" ({Path(mine[-1].filename).name} line {mine[-1].lineno})" if mine else ""
+    message = (str(exc).strip().splitlines() or [""])[0]
+    return SourceError(f"{what} raised {type(exc).__name__}: {message}{where}")
 
 
 def accepted_sources() -> str:

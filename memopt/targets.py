@@ -70,17 +70,25 @@ def parse_custom(spec: str) -> Target:
     flops = {}
     for key in ("fp32", "tf32", "bf16", "fp16", "fp8", "int8"):
         if key in fields:
-            flops[key] = parse_rate(fields[key], what=f"custom target field {key}", unit="FLOP/s")
+            flops[key] = _positive_rate(fields, key, "FLOP/s")
     if "flops" in fields:
-        flops.setdefault("fp32", parse_rate(fields["flops"], what="custom target field flops", unit="FLOP/s"))
+        flops.setdefault("fp32", _positive_rate(fields, "flops", "FLOP/s"))
     if not flops:
         flops = {"fp32": 1e13, "bf16": 1e14, "fp16": 1e14}
     mem = parse_bytes(fields["mem"], what="custom target field mem")
-    bw = parse_rate(fields["bw"], what="custom target field bw")
-    if mem <= 0 or bw <= 0:
-        raise ValueError(f"custom target fields mem and bw must be positive, got mem={fields['mem']!r} bw={fields['bw']!r}")
+    if mem <= 0:
+        raise ValueError(f"custom target field mem must be positive, got {fields['mem']!r}; write e.g. mem=24GiB")
+    bw = _positive_rate(fields, "bw", "B/s")
     host = parse_rate(fields.get("host", "16GB/s"), what="custom target field host")
     return Target(fields.get("name", "custom"), mem, bw, flops, host, spec)
+
+
+def _positive_rate(fields: dict, key: str, unit: str) -> float:
+    rate = parse_rate(fields[key], what=f"custom target field {key}", unit=unit)
+    if rate <= 0:
+        raise ValueError(f"custom target field {key} must be a positive rate, got {fields[key]!r}; "
+                         f"write e.g. {key}={'1TB/s' if unit == 'B/s' else '165T'}")
+    return rate
 
 
 def get_target(name: str) -> Target:

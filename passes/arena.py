@@ -126,7 +126,7 @@ class ArenaPass(Pass):
                 with graph.inserting_before(node):
                     view = _arena_view(graph, arena, offset, val)
                     new = graph.call_function(out_op, node.args, {**node.kwargs, "out": view})
-                new.meta = dict(node.meta)
+                new.meta = {**node.meta, "memopt_replaces": node.name}  # the planned op's name, for plan_check
                 node.replace_all_uses_with(new)
                 graph.erase_node(node)
                 placed += 1

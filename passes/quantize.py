@@ -6,7 +6,14 @@ input channels by mean |x| (AWQ's saliency) stay in bf16. Storage formats and ke
 `memopt.runtime.quant_ops`.
 
 `gm` comes from `torch.export.export(model, args, strict=False).module()`: weights are `get_attr`
-nodes, linears are `aten.linear.default(x, w, b)`, embeddings `aten.embedding.default(w, ids)`. The pass
+nodes, linears are `aten.linear.default(x, w, b)`, embeddings `aten.embedding.default(w, ids)`. Matmuls
+with a weight stored `[in, out]` (GPT-2's `Conv1D`: `aten.addmm(b, x, w)`, `mm(x, w)`, `matmul(x, w)`) are
+first rewritten as linears over the transposed weight, kept under its own name (`linearize_matmuls`).
+Fused mixture-of-experts weights (transformers 5.x: `experts.gate_up_proj` `[E, 2I, H]`, read through
+`aten._grouped_mm` or `transformers::grouped_mm_fallback` over expert-sorted tokens) are quantized per
+expert (int8 per channel, int4 round-to-nearest per group) and run by `memopt::grouped_linear_int8/_int4`
+(`memopt.runtime.moe_ops`); such a site is named by its full weight name. A weight the pass cannot handle
+is named in a note, and a format that quantizes no weight at all is an error. The pass
 rewrites `gm` in place (so the fp weights' bytes are really released), registers the packed weights,
 scales and zero points as buffers beside the weight they replace (`<weight>_q`, `_scale`, `_zero`,
 `_outlier_idx`, `_outlier`), deletes the fp weight and records what it did in `gm.meta["memopt_weights"]`.
@@ -17,12 +24,15 @@ A layer is named by its weight's owner path (`encoder.layer.0.attention.self.que
 from __future__ import annotations
 
 import fnmatch
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 import torch
 from torch._guards import detect_fake_mode
+from torch.utils.weak import WeakTensorKeyDictionary
 
+import memopt.runtime.moe_ops as moe
 import memopt.runtime.quant_ops as qops
 from memopt.passes.base import Pass, PassResult
 from memopt.passes.calibrate import LinearStats, record_linear_inputs
@@ -31,46 +41,147 @@ from memopt.passes.quant_config import Int4WeightConfig, Int8WeightConfig, Lossl
 
 LINEAR = torch.ops.aten.linear.default
 EMBEDDING = torch.ops.aten.embedding.default
+ADDMM = torch.ops.aten.addmm.default
+_MATMULS = (ADDMM, torch.ops.aten.mm.default, torch.ops.aten.matmul.default)
+_TRANSPOSE = torch.ops.aten.transpose.int
+_GROUPED_MMS = ("aten._grouped_mm.default", "transformers.grouped_mm_fallback.default")  # (x, w [E, K, N], offs)
 _NON_STORAGE_ARGS = {"x", "bias", "indices"}
+_TRANSPOSED = WeakTensorKeyDictionary()  # an `[in, out]` weight -> weakref to its `[out, in]` copy
 _KEEP_FORMATS = (None, "native", "bf16", "fp16", "fp32")
 
 
 @dataclass
 class WeightSite:
-    """One weight `get_attr` node and the linear / embedding nodes that read it."""
+    """One weight `get_attr` node and the linear / embedding / grouped expert matmul nodes that read it.
+    `grouped`: (grouped-mm node, the `transpose` node between, or None when the weight is stored `[E, K, N]`)."""
 
     attr: Any  # fx.Node (get_attr)
     target: str  # weight FQN, e.g. "m.encoder.layer.0.attention.self.query.weight"
     linears: list = field(default_factory=list)
     embeddings: list = field(default_factory=list)
+    grouped: list = field(default_factory=list)
 
     @property
     def layer(self) -> str:
+        if self.grouped:  # a module holds several fused expert weights: each is its own layer
+            return self.target
         return self.target.rsplit(".", 1)[0] if "." in self.target else self.target
 
 
+def _grouped_use(user, node) -> tuple | None:
+    """(grouped-mm node, transpose or None) when `user` feeds weight `node` to a grouped expert matmul as its
+    `[E, K, N]` operand, directly or as `node.transpose(-2, -1)` of a `[E, N, K]` weight."""
+    via = None
+    if user.op == "call_function" and user.target is _TRANSPOSE and user.args[0] is node \
+            and sorted(d % 3 for d in user.args[1:3]) == [1, 2] and len(user.users) == 1:
+        via, user = user, next(iter(user.users))
+    if user.op != "call_function" or str(user.target) not in _GROUPED_MMS or len(user.args) < 2 \
+            or user.args[1] is not (via or node) or user.args[0] is (via or node):
+        return None
+    kw = dict(zip(("offs", "bias", "out_dtype"), user.args[2:]), **user.kwargs)
+    if kw.get("offs") is None or kw.get("bias") is not None or kw.get("out_dtype") is not None:
+        return None
+    return user, via
+
+
+def _offs(gmm) -> Any:
+    return gmm.args[2] if len(gmm.args) > 2 else gmm.kwargs["offs"]
+
+
 def weight_sites(gm) -> tuple[list[WeightSite], list[str]]:
-    """Weights read only as a linear's weight or an embedding's table; notes on the ones left out."""
-    sites, notes = [], []
+    """Weights read only as a linear's weight, an embedding's table or a grouped expert matmul's weights;
+    notes on the parameters left out. Rewrites Conv1D-style matmuls as linears first (`linearize_matmuls`)."""
+    linearize_matmuls(gm)
+    sites, notes, unhandled = [], [], {}
+    params = {name for name, _ in gm.named_parameters(remove_duplicate=False)}
     for node in gm.graph.nodes:
         if node.op != "get_attr" or not isinstance(_getattr(gm, node.target), torch.Tensor):
             continue
         site = WeightSite(node, node.target)
-        other = False
+        other = []
         for user in node.users:
             if user.op == "call_function" and user.target is LINEAR and user.args[1] is node \
                     and node not in (user.args[0], *user.args[2:]):
                 site.linears.append(user)
             elif user.op == "call_function" and user.target is EMBEDDING and user.args[0] is node:
                 site.embeddings.append(user)
+            elif (use := _grouped_use(user, node)) is not None:
+                site.grouped.append(use)
             else:
-                other = True
-        if site.linears or site.embeddings:
+                other.append(str(user.target))
+        if site.grouped and (site.linears or site.embeddings or any(v is None for _, v in site.grouped)
+                             and any(v is not None for _, v in site.grouped)):
+            notes.append(f"kept {site.layer}: its expert weights are read both as stored and transposed")
+        elif site.linears or site.embeddings or site.grouped:
             if other:
-                notes.append(f"kept {site.layer}: its weight has users other than linear/embedding")
+                notes.append(f"kept {site.layer}: its weight has users other than linear/embedding "
+                             f"({', '.join(sorted(set(other)))})")
             else:
                 sites.append(site)
+        elif other and node.target in params and _getattr(gm, node.target).dim() >= 2 \
+                and _getattr(gm, node.target).is_floating_point():
+            unhandled.setdefault(", ".join(sorted(set(other))), []).append(node.target)
+    for ops, names in unhandled.items():
+        notes.append(f"kept {len(names)} weight(s) read by {ops}, which quantize does not rewrite (it handles "
+                     f"linear, Conv1D-style addmm/mm/matmul, embedding and grouped expert matmuls): "
+                     + ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""))
     return sites, notes
+
+
+def _as_linear(gm, user, node, out_features: int) -> tuple | None:
+    """(x, bias) when `user` computes `x @ W (+ bias)` with `node` the weight W stored `[in, out]`."""
+    if user.op != "call_function" or user.target not in _MATMULS:
+        return None
+    if user.target is ADDMM:
+        if len(user.args) != 3 or user.args[2] is not node or any(user.kwargs.get(k, 1) != 1
+                                                                  for k in ("beta", "alpha")):
+            return None
+        bias, x = user.args[0], user.args[1]
+        val = getattr(bias, "meta", {}).get("val")
+        if val is None and getattr(bias, "op", "") == "get_attr":
+            val = _getattr(gm, bias.target)
+        if not isinstance(val, torch.Tensor) or tuple(val.shape) != (out_features,) or node in (bias, x):
+            return None  # a bias of another shape is no linear's
+        return x, bias
+    if len(user.args) != 2 or user.kwargs or user.args[1] is not node or user.args[0] is node:
+        return None
+    return user.args[0], None
+
+
+def linearize_matmuls(gm) -> int:
+    """Rewrite every matmul with a 2-D parameter stored `[in, out]` (GPT-2's `Conv1D`: `addmm(b, x, W)`,
+    `mm(x, W)`, `matmul(x, W)`) as `aten.linear(x, W.T, b)`: W is replaced, under its own name, by its
+    contiguous transpose, so the rest of the pass sees ordinary linears. A weight read any other way, or
+    shared with another name, is left alone. Returns how many weights were rewritten."""
+    ptrs: dict[int, int] = {}
+    for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        ptrs[t.data_ptr()] = ptrs.get(t.data_ptr(), 0) + 1  # tied names: one tensor
+    done = 0
+    for node in list(gm.graph.nodes):
+        w = _getattr(gm, node.target) if node.op == "get_attr" else None
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or not node.users \
+                or ptrs.get(w.data_ptr(), 0) > 1:
+            continue
+        forms = [(user, _as_linear(gm, user, node, w.shape[1])) for user in node.users]
+        if not all(form for _, form in forms):
+            continue
+        owner_path, _, name = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        wt = _TRANSPOSED[w]() if w in _TRANSPOSED else None
+        if wt is None:  # a decoder's second program reads the same weight: one transposed copy while both hold it
+            wt = w.detach().t().contiguous()
+            wt = torch.nn.Parameter(wt, requires_grad=False) if isinstance(w, torch.nn.Parameter) else wt
+            _TRANSPOSED[w] = weakref.ref(wt)
+        setattr(owner, name, wt)
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            node.meta["val"] = node.meta["val"].t().contiguous()
+        for user, (x, bias) in forms:
+            _replace(gm, user, LINEAR, (x, node) if bias is None else (x, node, bias))
+        done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
 
 
 def _getattr(root, target: str):
@@ -203,8 +314,13 @@ class QuantizePass(Pass):
             given[s.target] = reused.get(s, _site_format(s, cfg), INT_SUFFIXES, required=("q", "scale"))
             if isinstance(cfg, Int4WeightConfig) and cfg.needs_calibration and given[s.target] is None:
                 stats_nodes += [n.name for n in s.linears]
+        if not todo and not lossless and (self.config is not None or configs):
+            what = self.config.spec if self.config is not None else "the plan's formats"
+            raise ValueError(f"quantize {what}: no weight of this graph could be quantized"
+                             + (": " + "; ".join(notes[:6]) if notes else " (no linear, embedding or expert weight "
+                                "matched include/skip)"))
         stats = self._calibrate(gm, todo, stats_nodes)
-        notes += _thin_calibration(todo, stats)
+        notes += _thin_calibration(todo, stats) + _rtn_experts(todo)
         record = gm.meta.setdefault("memopt_weights", {})
         for s, cfg in todo:
             w = _getattr(gm, s.target).detach()
@@ -256,6 +372,16 @@ def _share_rotations(gm) -> int:
     return len(groups)
 
 
+def _rtn_experts(todo) -> list[str]:
+    """A note when an int4 format asked for GPTQ, a rotation or outliers, which fused expert weights do not get."""
+    rtn = [(s, cfg) for s, cfg in todo if s.grouped and isinstance(cfg, Int4WeightConfig)
+           and (cfg.method == "gptq" or cfg.hadamard or cfg.outlier_fraction)]
+    if not rtn:
+        return []
+    return [f"{len(rtn)} fused expert weight(s) quantized round-to-nearest {_site_format(*rtn[0])}: GPTQ, "
+            "the Hadamard rotation and outliers are not implemented for grouped expert matmuls"]
+
+
 def _thin_calibration(todo, stats: dict[str, LinearStats]) -> list[str]:
     """A note when GPTQ layers saw fewer calibration rows than input channels: their Hessian is then
     rank-deficient and GPTQ fits the calibration tokens more than the model's (measured on MiniLM: 395
@@ -271,15 +397,23 @@ def _thin_calibration(todo, stats: dict[str, LinearStats]) -> list[str]:
 
 
 def _unsupported(s: WeightSite, cfg, w: torch.Tensor) -> str:
+    if s.grouped:
+        if w.dim() != 3 or not w.is_floating_point():
+            return f"expert weights are {tuple(w.shape)} {w.dtype}, not a 3-D float tensor"
+        k = w.shape[2] if s.grouped[0][1] is not None else w.shape[1]
+        if isinstance(cfg, Int4WeightConfig) and k % cfg.group_size:
+            return f"in_features {k} is not divisible by group_size {cfg.group_size}"
+        return ""
     if w.dim() != 2 or not w.is_floating_point():
         return f"weight is {tuple(w.shape)} {w.dtype}, not a 2-D float matrix"
+    if isinstance(cfg, Int4WeightConfig) and s.linears and s.embeddings:
+        return ("weight is shared by an embedding and a linear (tied); int4 has no embedding kernel "
+                "(give this layer int8 to quantize it)")
     if s.embeddings and not cfg.embeddings:
-        return "embedding tables are not quantized by this config (embeddings=False)"
-    if isinstance(cfg, Int4WeightConfig) and s.linears:
-        if s.embeddings:
-            return "weight is shared by an embedding and a linear; int4 has no embedding kernel"
-        if w.shape[1] % cfg.group_size:
-            return f"in_features {w.shape[1]} is not divisible by group_size {cfg.group_size}"
+        return "embedding tables are not quantized by this config (embeddings=False)" + \
+            (" and this one is tied to a linear" if s.linears else "")
+    if isinstance(cfg, Int4WeightConfig) and s.linears and w.shape[1] % cfg.group_size:
+        return f"in_features {w.shape[1]} is not divisible by group_size {cfg.group_size}"
     return ""
 
 
@@ -299,6 +433,8 @@ def _site_bytes(gm, target: str) -> int:
 
 def _site_format(s: WeightSite, cfg) -> str:
     """The format `_rewrite_site` records for `s` under `cfg`."""
+    if s.grouped and isinstance(cfg, Int4WeightConfig):
+        return f"int4:g{cfg.group_size}"  # experts: round-to-nearest (see `_rewrite_experts`)
     if isinstance(cfg, Int8WeightConfig) or not s.linears:
         return "int8:dyn" if isinstance(cfg, Int8WeightConfig) and cfg.dynamic_activations else "int8"
     return cfg.spec
@@ -327,6 +463,8 @@ class ReusedWeights:
 def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | None,
                   given: dict[str, torch.Tensor] | None = None) -> str:
     """Quantize `w` (or take the `given` tensors, {suffix: tensor}) and rewire the site's ops to them."""
+    if s.grouped:
+        return _rewrite_experts(gm, s, cfg, w, given)
     if isinstance(cfg, Int8WeightConfig) or not s.linears:  # int8, or an int4 config's embedding table
         if given:
             q, scales = given["q"], given["scale"]
@@ -371,6 +509,33 @@ def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | 
     if keep is not None:
         tensors += [keep, w_final[:, keep].to(torch.bfloat16)]
     return _wire_int4(gm, s, g, tensors, cfg.spec, rot)
+
+
+def _rewrite_experts(gm, s: WeightSite, cfg, w: torch.Tensor, given: dict[str, torch.Tensor] | None) -> str:
+    """Fused expert weights: `w` `[E, N, K]` (or `[E, K, N]` when read untransposed) quantized per expert;
+    each grouped matmul becomes `memopt::grouped_linear_int8/_int4(x, ..., offs)` on the `[E, N, K]` form."""
+    if s.grouped[0][1] is None:
+        w = w.transpose(1, 2)
+    w = w.float().contiguous()
+    if isinstance(cfg, Int8WeightConfig):
+        tensors = [given["q"], given["scale"]] if given else list(moe.quantize_experts_int8(w))
+    else:
+        tensors = [given[k] for k in ("q", "scale", "zero")] if given else \
+            list(moe.quantize_experts_int4(w, cfg.group_size))
+    nodes = [s.attr]
+    for suffix, t in zip(("_q", "_scale", "_zero"), tensors):
+        nodes.append(_set_buffer(gm, s.target + suffix, t, nodes[-1]))
+    nodes = nodes[1:]
+    for gmm, via in s.grouped:
+        if isinstance(cfg, Int8WeightConfig):
+            args = (gmm.args[0], *nodes, _offs(gmm), cfg.dynamic_activations)
+            _replace(gm, gmm, torch.ops.memopt.grouped_linear_int8.default, args)
+        else:
+            args = (gmm.args[0], *nodes, cfg.group_size, _offs(gmm))
+            _replace(gm, gmm, torch.ops.memopt.grouped_linear_int4.default, args)
+        if via is not None:
+            gm.graph.erase_node(via)
+    return _site_format(s, cfg)
 
 
 def _wire_int4(gm, s: WeightSite, group_size: int, tensors: list[torch.Tensor], spec: str, rot: int = 0) -> str:

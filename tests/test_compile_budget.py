@@ -67,13 +67,21 @@ def test_compiled_module_fits_its_budget():
 
 
 def test_budget_plan_compresses_the_kv_cache_it_priced():
+    from memopt.budget import plan_budget
+    from memopt.plan_check import LAYER_INDEX
+
     result = compile_model("demo", seq=256, budget="3MiB", target="custom:mem=4GiB,bw=100GB/s")
     planned = result.plan.predictions["budget"]
-    kv_policies = {d.kv_policy for d in result.plan.decisions} if result.plan.decisions else set()
+    # the cache each layer holds, with every parameter the planner priced (group 32, residual 128)
+    priced = plan_budget("demo", target="custom:mem=4GiB,bw=100GB/s", budget_bytes="3MiB", seq=256)
+    want = {d.name: "full" if d.kv_bits == 16 else f"kivi:k{d.kv_bits}v{d.kv_bits}:g32:r128"
+            for d in priced.decisions if d.kv_bits is not None}
+    kv_policies = {d.name.removeprefix("model."): d.kv_policy for d in result.plan.decisions
+                   if LAYER_INDEX.search(d.name)}
     assert result.plan.predictions["kv_cache_bytes"] > 0
     if "kv" in result.plan.pass_configs:  # the planner chose fewer than 16 bits somewhere
         assert result.plan.predictions["kv_cache_bytes"] < 2 * 4 * 2 * 32 * 256 * 2  # below a 16-bit cache
-    assert planned["fits"] and kv_policies is not None
+    assert planned["fits"] and len(want) == 4 and kv_policies == want
     new = result.module.generate(torch.tensor([[5, 17, 99, 4]]), 4)
     assert new.shape == (1, 4)
 
@@ -147,7 +155,10 @@ def test_budget_int4_layers_quantized_the_way_quantize_says():
     kw = dict(seq=256, budget="1500KiB", target="custom:mem=4GiB,bw=100GB/s")
     result = compile_model("demo", quantize="int4:gptq:had", **kw)
     assert result.plan.predictions["budget"]["fits"]
-    assert {d.weight_format for d in result.plan.decisions} == {"int4:g64:gptq:had"}
+    rows = {d.name: d for d in result.plan.decisions}
+    embed = rows.pop("model.model.embed_tokens")  # the budget plan keeps it bf16 and streams it from the host
+    assert (embed.weight_format, embed.placement) == ("native", "host")
+    assert {d.weight_format for d in rows.values()} == {"int4:g64:gptq:had"}
     assert any(n.target is torch.ops.memopt.hadamard.default for n in result.captured.graph.nodes)
     ids = result.captured.example_inputs[0]
     ref = result.source.traceable()(ids).float()

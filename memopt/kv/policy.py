@@ -72,6 +72,15 @@ class KVCachePolicy(KVConfig):
                                  f"window {self._recent()} (KIVI residual rounded to its groups); raise the budget "
                                  f"to at least {floor}")
 
+    def fixed_tokens(self) -> tuple[tuple[str, int], ...]:
+        """The parts of this cache sized by the policy, not by the context: (name, tokens) pairs."""
+        e, q = self.eviction, self.quant
+        if isinstance(e, StreamingConfig):
+            return (("sinks", self._sinks()), ("window", e.window))
+        if e is not None:
+            return (("budget_tokens", e.budget_tokens),)
+        return () if q is None else (("sinks", q.sinks), ("residual", q.residual))
+
     def _sinks(self) -> int:
         return max(getattr(self.eviction, "sinks", 0), getattr(self.quant, "sinks", 0))
 
@@ -230,6 +239,28 @@ def _cache_bytes(policy, batch: int, context: int, layers: int, kv_heads: int, h
 def fp16_cache_bytes(batch: int, context: int, layers: int, kv_heads: int, head_dim: int) -> int:
     """The uncompressed fp16 reference: 2 (K and V) x layers x batch x kv_heads x context x head_dim x 2 bytes."""
     return 2 * layers * batch * kv_heads * context * head_dim * 2
+
+
+def _leaves(policy: AnyKVPolicy) -> list[KVCachePolicy]:
+    if isinstance(policy, PerLayerKVPolicy):
+        return [p for layer in (policy.default, *policy.layers.values()) for p in _leaves(layer)]
+    if isinstance(policy, PerHeadKVPolicy):
+        return [g.policy for g in policy.groups]
+    return [policy]
+
+
+def check_kv_capacity(policy: AnyKVPolicy, context: int, what: str = "KV policy") -> None:
+    """Refuse a policy whose fixed parts (sinks, window, KIVI residual, eviction budget) hold more tokens than
+    the `context`-token cache it compresses, before any buffer is allocated (a compressed cache never needs
+    more room than the plain one)."""
+    check_int("check_kv_capacity", "context", context, minimum=1)
+    for leaf in _leaves(policy):
+        parts = leaf.fixed_tokens()
+        total = sum(n for _, n in parts)
+        if total > context:
+            detail = " + ".join(f"{name} {n}" for name, n in parts if n)
+            raise ValueError(f"{what} keeps {total} tokens ({detail}) but the cache holds {context} tokens; "
+                             f"choose sizes that sum to at most {context}, or raise the cache capacity (--max-cache)")
 
 
 def parse_kv_spec(spec: str) -> KVCachePolicy:

@@ -1,0 +1,298 @@
+"""Exported programs on disk, readable as safely as a safetensors file.
+
+`torch.export.load` trusts its archive: it unpickles sample inputs, pickled weights and opaque
+constants, evaluates every shape expression with `sympy.sympify`, and `ExportedProgram.module()`
+compiles the archive's `guards_code` as Python. An artifact is untrusted input, so memopt never hands
+one to it. A program is written as a pt2-style zip holding only the program's JSON
+(`<name>/models/<name>.json`, torch's own schema) and three small text entries; every tensor (weights,
+constants, caches) lives in `weights.safetensors`. Reading it back:
+
+1. the zip may hold exactly the expected entries (names, sizes, no encryption), nothing else;
+2. the JSON is checked against an allowlist before torch sees it: every operator a node calls resolves
+   to a registered `aten` / `prims` / `memopt` overload or a listed Python operator, every shape
+   expression parses under a small arithmetic grammar (names, integers, + - * **, comparisons and a
+   list of sympy functions: no attributes, subscripts, strings or lambdas), `guards_code` is empty,
+   no custom (pickled) objects, names are identifiers or dotted paths, and node metadata is cut to the
+   two string fields memopt reads;
+3. torch's deserializer then rebuilds the graph from that checked JSON with the tensors memopt read
+   from safetensors, matched by the program's signature (shape and dtype checked).
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import re
+import zipfile
+from typing import Any
+
+import torch
+
+MAX_JSON_BYTES = 1 << 30  # a program's JSON; far above any real one, bounds a zip bomb
+_ENTRIES = ("models/{n}.json", "archive_format", "archive_version", "byteorder")
+_ARCHIVE_FORMAT = "memopt-program-1"
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_FQN = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*\Z")
+_SYMBOL = re.compile(r"[a-z]+[0-9]+\Z")
+_OP = re.compile(r"torch\.ops\.(aten|prims|memopt)\.([A-Za-z0-9_]+)\.([A-Za-z0-9_]+)\Z")
+_PY_OPS = {f"_operator.{n}" for n in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "pow",
+                                      "eq", "ne", "lt", "le", "gt", "ge", "and_", "or_", "not_")}
+_TORCH_FNS = {f"torch.{n}" for n in ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not", "sym_ite",
+                                     "sym_sum", "sym_sqrt", "_sym_sqrt")} | {f"math.{n}" for n in (
+                                         "ceil", "floor", "trunc", "sqrt")}
+_SYMPY_FUNCS = {"Add", "Mul", "FloorDiv", "ModularIndexing", "Mod", "PythonMod", "CleanDiv", "CeilDiv", "IntTrueDiv",
+                "FloatTrueDiv", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan",
+                "StrictGreaterThan", "LessThan", "GreaterThan", "Unequality", "Equality", "And", "Or", "Not",
+                "TruncToInt", "CeilToInt", "FloorToInt", "RoundToInt", "RoundDecimal", "TruncToFloat",
+                "ToFloat", "Pow", "PowByNatural", "FloatPow", "Identity", "IsNonOverlappingAndDenseIndicator",
+                "Integer", "Rational", "Float", "Symbol", "Piecewise", "ITE", "LShift", "RShift",
+                "BitwiseFn_bitwise_and", "BitwiseFn_bitwise_or"}
+_SYMPY_CONSTS = {"True", "False", "oo", "zoo", "nan", "int_oo", "I"}
+_AST_OK = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Compare, ast.Constant, ast.Name, ast.Call, ast.Load,
+           ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow, ast.USub, ast.UAdd, ast.BitAnd,
+           ast.BitOr, ast.Invert, ast.Not, ast.Lt, ast.LtE, ast.Gt, ast.GtE, ast.Eq, ast.NotEq, ast.Tuple)
+_KEEP_META = ("stack_trace", "nn_module_stack")
+_MAX_EXPR_CHARS = 4096
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "int32": torch.int32,
+          "int64": torch.int64, "bool": torch.bool}
+
+
+class ProgramError(ValueError):
+    """A program file memopt refuses to read; the message says what is wrong."""
+
+
+# ---------------------------------------------------------------- writing
+
+
+def dump_program(ep, name: str) -> bytes:
+    """The zip bytes of `ep`'s graph and signature: no tensors, no sample inputs, no guards code."""
+    from torch._export.serde.serialize import serialize
+
+    saved = ep._guards_code, ep._example_inputs
+    ep._guards_code, ep._example_inputs = [], None
+    try:
+        artifact = serialize(ep, serialize_state_dict=False, serialize_constants=False)
+    finally:
+        ep._guards_code, ep._example_inputs = saved
+    program = json.loads(artifact.exported_program)
+    for node in program["graph_module"]["graph"]["nodes"]:
+        node["metadata"] = {k: v for k, v in node.get("metadata", {}).items() if k in _KEEP_META}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr(f"{name}/models/{name}.json", json.dumps(program, separators=(",", ":")))
+        z.writestr(f"{name}/archive_format", _ARCHIVE_FORMAT)
+        z.writestr(f"{name}/archive_version", "1")
+        z.writestr(f"{name}/byteorder", "little")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_program_json(blob: bytes, name: str, where: str) -> dict:
+    """The program JSON from the zip `blob`, after checking the archive holds only what memopt writes."""
+    try:
+        z = zipfile.ZipFile(io.BytesIO(blob))
+        infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ProgramError(f"{where} is not a program archive ({exc}); recompile the model") from None
+    expected = {f"{name}/" + e.format(n=name) for e in _ENTRIES}
+    seen = {i.filename for i in infos}
+    if seen != expected or len(infos) != len(expected):
+        extra = sorted(seen - expected) or sorted(expected - seen)
+        raise ProgramError(f"{where} holds unexpected archive entries {extra[:3]}; memopt reads only programs "
+                           "it wrote (no sample inputs, pickles or tensors inside); recompile the model")
+    for info in infos:
+        if info.flag_bits & 0x1 or info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            raise ProgramError(f"{where}: entry {info.filename} is encrypted or uses an unknown compression")
+        if info.file_size > MAX_JSON_BYTES:
+            raise ProgramError(f"{where}: entry {info.filename} claims {info.file_size} bytes; refusing")
+    try:
+        fmt = z.read(f"{name}/archive_format").decode()
+        if fmt != _ARCHIVE_FORMAT:
+            raise ProgramError(f"{where} has archive format {fmt[:40]!r}, not {_ARCHIVE_FORMAT!r}; recompile the "
+                               "model with this memopt")
+        return json.loads(z.read(f"{name}/models/{name}.json"))
+    except (zipfile.BadZipFile, UnicodeDecodeError, json.JSONDecodeError, EOFError, OSError) as exc:
+        raise ProgramError(f"{where} is corrupt ({type(exc).__name__}); recompile the model") from None
+
+
+def check_program_json(program: Any, where: str) -> None:
+    """Refuse anything in a program's JSON that could make torch run code; see the module docstring."""
+    if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
+        raise ProgramError(f"{where}: not an exported program")
+    if program.get("guards_code"):
+        raise ProgramError(f"{where} carries guards_code (Python source torch would compile); memopt writes none")
+    for v in program.get("verifiers") or []:
+        if not isinstance(v, str) or not _IDENT.match(v):
+            raise ProgramError(f"{where}: bad verifier name {str(v)[:40]!r}")
+    for k in program.get("range_constraints") or {}:
+        if not _SYMBOL.match(k):
+            raise ProgramError(f"{where}: bad symbol name {k[:40]!r} in range_constraints")
+    gm = program["graph_module"]
+    graph = gm.get("graph")
+    if not isinstance(graph, dict) or not isinstance(graph.get("nodes"), list):
+        raise ProgramError(f"{where}: the program has no graph")
+    if graph.get("custom_obj_values"):
+        raise ProgramError(f"{where} holds custom objects (pickled); memopt writes none")
+    for node in graph["nodes"]:
+        if not isinstance(node, dict):
+            raise ProgramError(f"{where}: a graph node is not an object")
+        check_target(node.get("target"), where)
+        meta = node.get("metadata") or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ProgramError(f"{where}: node metadata must be strings")
+        node["metadata"] = {k: v for k, v in meta.items() if k in _KEEP_META}
+    for spec in (gm.get("signature") or {}).get("input_specs", []):
+        if isinstance(spec, dict) and ("custom_obj" in spec):
+            raise ProgramError(f"{where}: the program takes a custom (pickled) object; memopt writes none")
+    _walk(program, where)
+
+
+def _walk(obj: Any, where: str, key: str = "") -> None:
+    """Every shape expression, name and custom-object reference anywhere in the JSON."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k in ("as_custom_obj", "as_custom_objs", "custom_obj"):
+                raise ProgramError(f"{where}: custom (pickled) objects are refused")
+            if k == "expr_str":
+                check_expr(v, where)
+            elif k == "name" and isinstance(v, str) and not _IDENT.match(v):
+                raise ProgramError(f"{where}: bad value name {v[:40]!r}")
+            elif k in ("parameter_name", "buffer_name", "tensor_constant_name", "fqn") and isinstance(v, str) \
+                    and v and not _FQN.match(v):
+                raise ProgramError(f"{where}: bad attribute path {v[:40]!r}")
+            _walk(v, where, k)
+    elif isinstance(obj, list):
+        for v in obj:
+            _walk(v, where, key)
+
+
+def check_target(target: Any, where: str) -> None:
+    """An operator a node may call: a registered aten/prims/memopt overload, or a listed Python op."""
+    if not isinstance(target, str):
+        raise ProgramError(f"{where}: a node's target is not a string")
+    if target in _PY_OPS or target in _TORCH_FNS:
+        return
+    m = _OP.match(target)
+    if m is not None:
+        ns, op, overload = m.groups()
+        if not (op.startswith("__") and op not in _DUNDER_OPS) and not overload.startswith("_") \
+                and op not in _FILE_OPS:
+            packet = _packet(ns, op)
+            if isinstance(packet, torch._ops.OpOverloadPacket) and overload in packet.overloads():
+                return
+    raise ProgramError(f"{where} calls {target[:80]!r}, which is not an operator memopt emits; refusing to load")
+
+
+def _packet(ns: str, op: str):
+    """The registered overload packet `ns::op`, or None (a lookup in the dispatcher: loads nothing)."""
+    if ns == "memopt":
+        import memopt.runtime  # noqa: F401  (registers memopt's ops)
+    try:
+        return getattr(getattr(torch.ops, ns), op)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_FILE_OPS = {"from_file"}  # aten ops that read a path: an artifact touches nothing outside its directory
+_DUNDER_OPS = {"__and__", "__or__", "__xor__", "__lshift__", "__rshift__", "__not__", "__iand__", "__ior__",
+               "__ixor__", "__ilshift__", "__irshift__"}
+
+
+def check_expr(expr: Any, where: str) -> None:
+    """A shape expression sympy may parse: arithmetic over symbols, integers and listed functions only."""
+    if not isinstance(expr, str) or len(expr) > _MAX_EXPR_CHARS:
+        raise ProgramError(f"{where}: a shape expression is not a short string")
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError):
+        raise ProgramError(f"{where}: shape expression {expr[:60]!r} does not parse") from None
+    symbol_parts = set()
+    for node in ast.walk(tree):
+        if _is_symbol_call(node):  # Symbol('s58', positive=True, integer=True)
+            symbol_parts.update(id(n) for n in ast.walk(node) if n is not node)
+            continue
+        if id(node) in symbol_parts:
+            continue
+        ok = isinstance(node, _AST_OK)
+        if isinstance(node, ast.Constant):
+            ok = type(node.value) in (int, float, bool)
+        elif isinstance(node, ast.Name):
+            ok = bool(_SYMBOL.match(node.id)) or node.id in _SYMPY_FUNCS or node.id in _SYMPY_CONSTS
+        elif isinstance(node, ast.Call):
+            ok = isinstance(node.func, ast.Name) and node.func.id in _SYMPY_FUNCS and not node.keywords
+        if not ok:
+            raise ProgramError(f"{where}: shape expression {expr[:60]!r} has a {type(node).__name__} outside the "
+                               "allowed arithmetic; refusing to load")
+
+
+def _is_symbol_call(node: ast.AST) -> bool:
+    """`Symbol('s0', positive=True, integer=True)`: a symbol name and boolean assumptions, nothing else."""
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Symbol"
+            and len(node.args) == 1 and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str) and bool(_SYMBOL.match(node.args[0].value))
+            and all(k.arg in _ASSUMPTIONS and isinstance(k.value, ast.Constant) and type(k.value.value) is bool
+                    for k in node.keywords))
+
+
+_ASSUMPTIONS = {"positive", "integer", "nonnegative", "real", "finite", "negative", "nonpositive", "rational"}
+
+
+def load_program(blob: bytes, name: str, tensors: dict[str, torch.Tensor], where: str):
+    """An ExportedProgram from checked JSON and `tensors` (keys `name::fqn` or `fqn`)."""
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+
+    program = read_program_json(blob, name, where)
+    check_program_json(program, where)
+    try:
+        serialized = _dict_to_dataclass(schema.ExportedProgram, program)
+        state_dict, constants = _bind(serialized.graph_module, name, tensors, where)
+        return ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, None)
+    except ProgramError:
+        raise
+    except Exception as exc:  # malformed but checked JSON: torch's own errors, one line
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ProgramError(f"{where} is malformed ({type(exc).__name__}: {msg[:120]}); recompile the model") \
+            from None
+
+
+def _bind(gm, name: str, tensors: dict, where: str) -> tuple[dict, dict]:
+    """The state dict and constants the signature asks for, from `tensors`, checked against the graph."""
+    values = gm.graph.tensor_values
+    state_dict, constants = {}, {}
+    for spec in gm.signature.input_specs:
+        kind = spec.type
+        if kind == "parameter":
+            arg, fqn, table, param = spec.parameter.arg, spec.parameter.parameter_name, state_dict, True
+        elif kind == "buffer":
+            arg, fqn, param = spec.buffer.arg, spec.buffer.buffer_name, False
+            table = state_dict if spec.buffer.persistent else constants
+        elif kind == "tensor_constant":
+            const = spec.tensor_constant
+            arg, fqn, table, param = const.arg, const.tensor_constant_name, constants, False
+        else:
+            continue
+        t = tensors.get(f"{name}::{fqn}", tensors.get(fqn))
+        if t is None:
+            raise ProgramError(f"weights.safetensors has no tensor {fqn!r} for {where}; recompile the model")
+        _check_meta(t, values.get(arg.name), fqn, where)
+        table[fqn] = torch.nn.Parameter(t, requires_grad=False) if param else t
+    return state_dict, constants
+
+
+def _check_meta(t: torch.Tensor, meta, fqn: str, where: str) -> None:
+    if meta is None:
+        return
+    from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
+
+    sizes = [s.as_int if s.type == "as_int" else None for s in meta.sizes]
+    dtype = _SERIALIZE_TO_TORCH_DTYPE.get(meta.dtype)
+    if (dtype is not None and t.dtype != dtype) or len(sizes) != t.dim() or any(
+            s is not None and s != d for s, d in zip(sizes, t.shape)):
+        raise ProgramError(f"tensor {fqn!r} in weights.safetensors is {t.dtype} {list(t.shape)} but {where} expects "
+                           f"{dtype} {sizes}; the artifact's files do not belong together")

@@ -15,7 +15,6 @@ A tensor is live over [producer index, last use index]; graph inputs, weights an
 from __future__ import annotations
 
 import operator
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +22,9 @@ from torch.export.graph_signature import InputKind
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from memopt.capture import Captured
+from memopt.names import BLOCK_NAME, KV_NAME
 from memopt.solvers.memgraph import MemGraph, MemOp, MemTensor
 
-KV_NAME = re.compile(r"(key|value)_cache|past_key|past_value|kv_cache")
-BLOCK_NAME = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)(?:\.|$)")
 ACTIVATION_KINDS = ("activation", "output")
 
 

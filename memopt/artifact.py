@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from memopt.module import assemble  # noqa: F401  (memopt.artifact.assemble: re-exported)
 from memopt.outdir import (
     FORMAT,
     MANIFEST,
@@ -490,27 +491,4 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None,
         from memopt.placement import to_device
 
         module = to_device(module, target)
-    return module
-
-
-def assemble(plan: Plan, programs: dict, tokenizer=None, report: dict | None = None):
-    """An OptimizedModule from exported `programs` ({"program": ep[, "generate": ep]}) and their plan: the
-    arena re-applied to the forward program, the compressed cache's layouts attached to the generator."""
-    from memopt.pipeline import OptimizedModule
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gm = programs["program"].module()
-        generator = None
-        if "generate" in programs:
-            generator = programs["generate"].module()
-            kv = plan.pass_configs.get("kv")
-            if isinstance(kv, dict) and kv.get("meta"):
-                generator.meta["memopt_kv"] = kv["meta"]  # the compressed cache's layouts, for generate
-    if plan.arena is not None:
-        from memopt.passes.arena import ArenaPass
-
-        gm = ArenaPass()(gm, plan).gm
-    module = OptimizedModule(gm, plan, report or {}, generator=generator, tokenizer=tokenizer)
-    module.programs = programs
     return module

@@ -23,16 +23,24 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
 from memopt import cost
 from memopt.cost import FORMATS, KV_BITS, KVPolicy, LayerWeights, ModelShape
+from memopt.names import BLOCK_INDEX as _BLOCK_INDEX
 from memopt.plan import LayerDecision, Plan, SolverReport
-from memopt.solvers.budget import (OBJECTIVES, BudgetDecision, BudgetInfeasible, BudgetProblem, KVOption, LayerOptions,
-                                   WeightOption, solve_budget)
+from memopt.solvers.budget import (
+    OBJECTIVES,
+    BudgetDecision,
+    BudgetInfeasible,
+    BudgetProblem,
+    KVOption,
+    LayerOptions,
+    WeightOption,
+    solve_budget,
+)
 from memopt.targets import Target, get_target
 from memopt.units import fmt_bytes, parse_bytes
 
@@ -233,7 +241,6 @@ def _weight_penalty(layer: LayerWeights, fmt: str, share: float, sens: dict) -> 
     return WEIGHT_PENALTY[fmt] * share * factor
 
 
-_BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 
 
 def penalties_from_sqnr(table: dict, source_or_shape) -> dict:

@@ -9,9 +9,11 @@ Phases:
 
 from __future__ import annotations
 
+import inspect
 import sys
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -93,11 +95,46 @@ def static_cache_decoder(model: nn.Module, batch: int, cache_len: int, device=No
                 layer.keys = getattr(self, f"key_cache_{i}")
                 layer.values = getattr(self, f"value_cache_{i}")
                 layer.cumulative_length = getattr(self, f"cumulative_length_{i}")
-            return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, cache_position=cache_position)
+            with _positions_from(self.model, cache_position):
+                return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds, cache_position=cache_position)
 
     model.generation_config.use_cache = True
     model.generation_config.cache_implementation = "static"
-    return StaticCacheDecoder(model, batch_size=batch, max_cache_len=cache_len, device=device)
+    with _cache_heads(model.config):
+        return StaticCacheDecoder(model, batch_size=batch, max_cache_len=cache_len, device=device)
+
+
+@contextmanager
+def _positions_from(model: nn.Module, cache_position: torch.Tensor):
+    """Give the model `position_ids` = `cache_position`: models that derive positions from the cache's length
+    (OPT: `cumsum` over a mask of `past + new` ones, sliced at `past`) otherwise export data-dependent shapes."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        yield
+        return
+
+    def add_positions(_, args, kwargs):
+        batch = (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[0]
+        return args, {**kwargs, "position_ids": cache_position.unsqueeze(0).expand(batch, -1)}
+    handle = model.register_forward_pre_hook(add_positions, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def _cache_heads(config):
+    """Falcon's multi-query attention keeps one KV head, but its config names none (`num_kv_heads` counts the
+    query heads): size the static cache by the heads the attention really writes."""
+    mqa = getattr(config, "model_type", "") == "falcon" and config.multi_query and not config.new_decoder_architecture
+    if not mqa:
+        yield
+        return
+    config.num_key_value_heads = 1
+    try:
+        yield
+    finally:
+        del config.num_key_value_heads
 
 
 def _capture_decode(source: ModelSource, batch: int, cache_len: int, dynamic: bool = False) -> Captured:
@@ -117,6 +154,8 @@ def _capture_decode(source: ModelSource, batch: int, cache_len: int, dynamic: bo
         dim = Dim("tokens", min=1, max=cache_len)
         shapes = {"input_ids": {1: dim}, "cache_position": {0: dim}}
     ep = _aten_grouped_mm(_export(wrapper, (), kwargs, shapes, source))
+    if ep.graph.eliminate_dead_code():  # e.g. OPT's unused mask of `past + new` ones, sized by the cache's length
+        ep.graph_module.recompile()
     return Captured(ep, "decode", source, (), kwargs, batch, tokens, cache_len, dynamic,
                     [f"decode step with a static KV cache of {cache_len} tokens"], shapes)
 

@@ -142,6 +142,7 @@ def cmd_plan_only(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     from memopt.artifact import save
+    from memopt.config import CompileConfig
     from memopt.pipeline import compile_model
 
     if args.plan_only:
@@ -152,13 +153,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     check_output(args.output, force=args.force)  # before any work: never destroy data, fail early
     key = _read_key(args.sign_key)
-    passes = [p.strip() for p in args.passes.split(",") if p.strip()]
-    result = compile_model(args.model, target=args.target, passes=passes, batch=args.batch, seq=args.seq,
-                           quantize=args.quantize, quantize_skip=args.quantize_skip, arena_solver=args.solver,
-                           time_limit_s=args.time_limit, max_cache=args.max_cache, dtype=args.dtype,
-                           budget=args.budget, objective=args.objective, max_quality_loss=args.max_quality_loss,
-                           offload=args.offload, reorder=args.reorder, kv=args.kv, offload_kv=args.offload_kv,
-                           kv_host=args.kv_host, calibration=args.calibration, verbose=not args.json)
+    config = CompileConfig(
+        target=args.target, passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()), batch=args.batch,
+        seq=args.seq, dtype=args.dtype, quantize=args.quantize, quantize_skip=tuple(args.quantize_skip),
+        calibration=args.calibration, arena_solver=args.solver, time_limit_s=args.time_limit, reorder=args.reorder,
+        max_cache=args.max_cache, kv=args.kv, offload=tuple(args.offload), offload_kv=tuple(args.offload_kv),
+        budget=args.budget, objective=args.objective, max_quality_loss=args.max_quality_loss, kv_host=args.kv_host)
+    result = compile_model(args.model, config=config, verbose=not args.json)
     out = save(result.module, args.output, programs=result.programs, onnx=args.onnx, report=result,
                force=args.force, key=key)
     plan = result.plan

@@ -20,72 +20,13 @@ from torch import nn
 
 from memopt.analysis import Analysis, analyze
 from memopt.capture import Captured, capture
-from memopt.checks import check_source, check_specs
+from memopt.checks import check_source, generation_cache_tokens
+from memopt.config import KNOWN_PASSES, CompileConfig, resolve_passes  # noqa: F401  (KNOWN_PASSES: re-exported)
+from memopt.module import OptimizedModule
+from memopt.names import HOST_PREFIX, OFFLOAD_PREFIX, SLOT_PREFIX, is_kv, is_offload
 from memopt.plan import LayerDecision, Plan
 from memopt.sources import ModelSource, resolve_source
 from memopt.targets import get_target
-
-KNOWN_PASSES = ("quantize", "offload", "arena")
-
-
-class OptimizedModule(nn.Module):
-    """The emitted model: an ordinary `nn.Module`, callable like the original, with `.plan`.
-    Decoders also carry `.generator` (the generation program) and `.tokenizer` when known."""
-
-    def __init__(self, gm: torch.fx.GraphModule, plan: Plan, report: dict | None = None,
-                 generator: torch.fx.GraphModule | None = None, tokenizer=None):
-        super().__init__()
-        self.gm = gm
-        self.generator = generator
-        self.plan = plan
-        self.report = report or {}
-        self.tokenizer = tokenizer
-
-    def forward(self, *args, **kwargs):
-        if self.plan.arena is not None:
-            self._check_shapes(args)
-        with torch.no_grad():  # an inference artifact; out= ops refuse autograd
-            return self.gm(*args, **kwargs)
-
-    def _check_shapes(self, args: tuple) -> None:
-        """The arena is planned for one shape: say so clearly instead of failing inside the graph."""
-        for i, (a, spec) in enumerate(zip(args, self.plan.inputs)):
-            if isinstance(a, torch.Tensor) and list(a.shape) != list(spec["shape"]):
-                dims = spec["shape"]
-                hint = f" (recompile with --batch {a.shape[0]} --seq {a.shape[1]})" if len(dims) == 2 else ""
-                raise ValueError(f"input {i} has shape {list(a.shape)} but this module's arena was planned for "
-                                 f"{dims}{hint}; arena plans are per shape")
-
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        """Greedy new tokens (batch, n) after `input_ids` (batch, prompt_len)."""
-        from memopt.runner import generate
-
-        if self.generator is None:
-            raise ValueError(f"{self.plan.model} was not compiled as a decoder LM; it has no generation program")
-        input_ids = input_ids.to(_device_of(self.generator))
-        eos = kwargs.pop("eos_token_id", getattr(self.tokenizer, "eos_token_id", None))
-        if "memopt_kv" in self.generator.meta:  # a compressed cache: prefill and decode one token per call
-            from memopt.generate import generate as generate_compressed
-
-            return generate_compressed(self.generator, input_ids, max_new_tokens, eos_token_id=eos)
-        return generate(self.generator, input_ids, max_new_tokens, eos_token_id=eos, **kwargs)
-
-    def chat(self, prompt: str, max_new_tokens: int = 64) -> str:
-        """Generate a reply to `prompt` (chat template applied when the tokenizer has one)."""
-        from memopt.runner import chat_ids
-
-        if self.tokenizer is None:
-            raise ValueError(f"{self.plan.model} has no tokenizer; pass token ids to generate() instead")
-        new = self.generate(chat_ids(self.tokenizer, prompt), max_new_tokens)
-        return self.tokenizer.decode(new[0], skip_special_tokens=True)
-
-
-def _device_of(program: nn.Module) -> torch.device:
-    """Where the program computes: its first tensor not left in host memory by an offload pass."""
-    for name, t in [*program.named_parameters(), *program.named_buffers()]:
-        if "_memopt_offload_host_" not in name:
-            return t.device
-    return torch.device("cpu")
 
 
 @dataclass
@@ -98,6 +39,7 @@ class CompileResult:
     before: Analysis  # the original model's analysis
     generation: Captured | None = None  # decoder LMs: the generation program after weight passes
     notes: list[str] = field(default_factory=list)
+    config: CompileConfig | None = None  # what was asked
 
     @property
     def programs(self) -> dict:
@@ -210,7 +152,12 @@ def _calibration_inputs(captured: Captured, calibration: Any) -> tuple[list, str
     the program; texts (a list of strings, or the path of a text file with one sample per line) run
     through the source's tokenizer; or None: the bundled calibration text when the source has a
     tokenizer, else the example inputs (random token ids for a source without one)."""
-    from memopt.calibration import CalibrationSet, default_texts, read_texts, text_calibration
+    from memopt.calibration import (
+        CalibrationSet,
+        default_texts,
+        read_texts,
+        text_calibration,
+    )
 
     if isinstance(calibration, (list, tuple)) and calibration and all(isinstance(c, (list, tuple))
                                                                       for c in calibration):
@@ -371,177 +318,254 @@ def _budget_divergence(decisions, budget_plan, formats: dict, *, kv_given: bool,
     return notes
 
 
-def compile_model(model: Any = None, example_inputs: Sequence | None = None, *, target: str = "h100-80gb",
-                  passes: Sequence[str] = ("arena",), batch: int = 1, seq: int | None = None,
-                  quantize: str | None = None, quantize_skip: Sequence[str] = (), arena_solver: str = "cbc",
-                  time_limit_s: float = 10.0, outputs_in_arena: bool = False, max_cache: int | None = None,
-                  generation: bool = True, budget: str | int | None = None, objective: str = "latency",
-                  max_quality_loss: float | None = None, offload: Sequence[str] = (), reorder: bool = False,
-                  kv: str | None = None, offload_kv: Sequence[int | str] = (), kv_host: bool = False, dtype=None,
-                  calibration: Any = None, verbose: bool = False) -> CompileResult:
-    """Capture `model`, run `passes` in order and return the emitted module with its plan.
-    `max_cache`: KV-cache capacity (tokens) of a decoder's generation program (default: min(2048,
-    the model's context)); `generation=False` skips that program. `calibration` (for GPTQ and outlier
-    formats): a text file path or a list of texts for a model with a tokenizer (default: the bundled
-    calibration text), or a list of args tuples for the model (default: its example inputs)."""
+@dataclass
+class _State:
+    """What the stages share while compiling one model: the config, the programs as they are rewritten,
+    and the Plan's pieces. Each stage reads and writes only this."""
+
+    config: CompileConfig
+    src: ModelSource
+    say: Any
+    calibration: Any
+    passes: list[str]
+    target: Any = None
+    captured: Captured | None = None
+    before: Analysis | None = None
+    analysis: Analysis | None = None
+    gen: Captured | None = None
+    plan: Plan | None = None
+    budget_plan: Any = None
+    formats: dict | None = None
+    weights: dict = field(default_factory=dict)
+    kv_meta: dict | None = None
+    gm: torch.fx.GraphModule | None = None
+    notes: list[str] = field(default_factory=list)
+    ran: list[str] = field(default_factory=list)
+
+    def configure(self, name: str, value) -> None:
+        self.plan = self.plan.with_(pass_configs={**self.plan.pass_configs, name: value})
+
+    def add_pass(self, name: str) -> None:
+        """A pass the budget plan asks for: placed by the rules, like one the user listed."""
+        if name not in self.passes:
+            self.passes[:] = resolve_passes(tuple(self.passes), (name,))
+            self.plan = self.plan.with_(passes=tuple(self.passes))
+
+
+def _stage_capture(st: _State) -> None:
+    cfg, src = st.config, st.src
+    st.say(f"capturing {src.name}")
+    st.captured = capture(src, batch=cfg.batch, seq=cfg.seq)
+    st.before = st.analysis = analyze(st.captured)
+    if cfg.generation and src.family == "causal_lm":
+        cache = generation_cache_tokens(src, max_cache=cfg.max_cache, seq=st.captured.seq, budget=cfg.budget)
+        st.say(f"capturing the generation program (static KV cache of {cache} tokens)")
+        # a compressed cache is written one token at a time: its program takes one token per call
+        st.gen = capture(src, phase="decode", batch=cfg.batch, cache_len=cache,
+                         dynamic=not (cfg.kv or cfg.budget is not None))
+    st.plan = Plan(model=src.name, target=st.target.name, batch=st.captured.batch, seq=st.captured.seq,
+                   passes=tuple(st.passes), inputs=_input_specs(src, st.captured.example_inputs))
+
+
+def _stage_budget(st: _State) -> None:
+    """Solve the budget ILP; its formats, host blocks, host caches and KV bits become passes."""
+    from memopt.budget import plan_budget
+    from memopt.passes.quant_config import parse_quantize_spec
+
+    cfg = st.config
+    st.say(f"planning formats for a budget of {cfg.budget} on {st.target.name}")
+    st.budget_plan = plan_budget(st.src, target=st.target, budget_bytes=cfg.budget, batch=st.captured.batch,
+                                 seq=st.captured.seq or None, objective=cfg.objective,
+                                 max_quality_loss=cfg.max_quality_loss, kv_host=cfg.kv_host)
+    how = parse_quantize_spec(cfg.quantize) if cfg.quantize else None
+    # a tied embedding is labelled "model.embed_tokens (tied lm_head)": the module name is the first word
+    st.formats = {d["name"].split(" (")[0]: _int4_how(d["format"], how)
+                  for d in st.budget_plan.to_json()["decisions"]}
+    decisions = st.budget_plan.to_plan().decisions
+    if any(f not in ("bf16", "native") for f in st.formats.values()):
+        st.add_pass("quantize")
+    if any(d.placement == "host" for d in decisions):
+        st.add_pass("offload")
+    if st.gen is not None and any(d.kv_placement == "host" for d in st.budget_plan.decisions):
+        st.add_pass("kv_offload")
+    if st.gen is not None:
+        st.add_pass("kv")
+
+
+def _stage_quantize(st: _State) -> None:
+    cfg = st.config
+    quantize = cfg.quantize or (None if cfg.budget is not None else "int8")  # the pass listed alone: int8
+    st.captured, qnotes, st.weights, quantized = _weight_passes(st.captured, quantize, cfg.quantize_skip, st.say,
+                                                                st.formats, calibration=st.calibration)
+    st.notes += qnotes
+    if st.gen is not None:  # takes the forward program's quantized tensors: quantized once, held once
+        st.gen, _, _, _ = _weight_passes(st.gen, quantize, cfg.quantize_skip, st.say, st.formats, reuse=quantized)
+        shared = _share_state(st.captured, st.gen)
+        st.say(f"generation program shares {shared} weight tensors with the {st.captured.phase} program")
+    st.configure("quantize", quantize or "budget plan")
+
+
+def _stage_offload(st: _State) -> None:
+    from memopt.passes.offload import OffloadConfig, OffloadPass
+
+    host_plan = st.budget_plan.to_plan() if st.budget_plan is not None else None
+    config = OffloadConfig(blocks=st.config.offload) if st.config.offload else None
+    if config is None and host_plan is None:
+        raise ValueError("the offload pass needs blocks to offload: pass offload=[...] (--offload) or a --budget")
+    st.say("offloading blocks to host memory")
+    st.captured, onotes = _apply(st.captured, OffloadPass(config), host_plan)
+    st.notes += onotes
+    if st.gen is not None:
+        st.gen, _ = _apply(st.gen, OffloadPass(config), host_plan)
+        _share_offload(st.captured, st.gen)
+    st.configure("offload", config.to_json() if config else "budget plan")
+
+
+def _stage_kv_offload(st: _State) -> None:
+    from memopt.passes.kv_offload import KVOffloadConfig, KVOffloadPass
+
+    if st.gen is None:
+        raise ValueError("offload_kv needs a decoder LM's generation program; this model has none")
+    kv_config = KVOffloadConfig(layers=st.config.offload_kv) if st.config.offload_kv else None
+    host_plan = st.budget_plan.to_plan() if kv_config is None and st.budget_plan is not None else None
+    st.say("offloading KV caches to host memory")
+    st.gen, notes = _apply(st.gen, KVOffloadPass(kv_config), host_plan)
+    st.notes += notes
+    st.configure("kv_offload", kv_config.to_json() if kv_config else "budget plan")
+
+
+def _stage_kv(st: _State) -> None:
+    if st.gen is None:
+        raise ValueError(f"--kv needs a decoder LM's generation program, which {st.src.name} does not have")
+    spec = st.config.kv
+    st.gen, st.kv_meta, notes = _compress_kv(st.gen, spec, st.budget_plan.to_plan() if not spec else None)
+    st.notes += notes
+    if st.kv_meta is not None:
+        st.configure("kv", {"spec": spec or "budget plan", "meta": st.kv_meta})
+
+
+def _stage_arena(st: _State) -> None:
     from memopt.passes.arena import ArenaConfig, ArenaPass
     from memopt.solvers.arena import greedy_arena, solve_arena
 
-    passes = list(passes)
-    if quantize and "quantize" not in passes:
-        passes.insert(0, "quantize")
-    for p in passes:
-        if p not in KNOWN_PASSES:
-            raise ValueError(f"unknown pass {p!r}; choose from {', '.join(KNOWN_PASSES)}")
-    if "arena" in passes and passes[-1] != "arena":
-        raise ValueError("the arena pass plans the final graph: list it last")
-    if "offload" in passes and "quantize" in passes and passes.index("offload") < passes.index("quantize"):
-        raise ValueError("offload moves the final weights: list quantize before offload")
-    if offload and "offload" not in passes:
-        passes.insert(passes.index("arena") if "arena" in passes else len(passes), "offload")
-    if "quantize" in passes and not quantize and budget is None:
-        quantize = "int8"
-    tgt = get_target(target)
-    check_specs(batch=batch, seq=seq, max_cache=max_cache, time_limit_s=time_limit_s, arena_solver=arena_solver,
-                quantize=quantize, kv=kv, offload=offload, offload_kv=offload_kv, calibration=calibration,
-                budget=budget, objective=objective, max_quality_loss=max_quality_loss)  # before any capture
-    if budget is not None:
-        _check_budget_quantize(quantize)
-    say = (lambda m: print(f"memopt: {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
-    src = _as_source(model, example_inputs, dtype)
-    if budget is not None and src.dtype == torch.float32 and dtype is None:
-        # the budget planner prices 16-bit weights and caches; serve the model the way it was planned
-        src = _to_bf16(src)
-        notes_pre = [f"{src.name}: cast from float32 to bfloat16, the 16-bit dtype the budget plan assumes"]
+    cfg = st.config
+    if cfg.reorder:
+        st.captured, st.analysis, rnote = _reorder(st.captured, st.analysis, cfg.time_limit_s, st.say)
+        st.notes += rnote
+        st.gm = st.captured.module()
+    config = ArenaConfig(time_limit_s=cfg.time_limit_s, solver=cfg.arena_solver, outputs_in_arena=cfg.outputs_in_arena)
+    kinds = ("activation", "output") if cfg.outputs_in_arena else ("activation",)
+    st.say(f"planning the arena ({len(st.analysis.storages)} storages, solver {cfg.arena_solver})")
+    t0 = time.perf_counter()
+    graph = st.analysis.to_memgraph()
+    if config.solver == "greedy":
+        arena = greedy_arena(graph, kinds=kinds, alignment=config.alignment)
     else:
-        notes_pre = []
+        arena = solve_arena(graph, kinds=kinds, alignment=config.alignment, time_limit_s=config.time_limit_s,
+                            solver=config.solver)
+    st.say(f"arena {arena.size_bytes} bytes (lower bound {arena.lower_bound_bytes}) in "
+           f"{time.perf_counter() - t0:.2f} s")
+    st.plan = st.plan.with_(arena=arena, order=tuple(st.analysis.op_names))
+    st.configure("arena", config.to_json())
+    result = ArenaPass(config)(st.gm, st.plan)
+    st.gm, st.notes = result.gm, st.notes + result.notes
+
+
+def _stage_analyze(st: _State) -> None:
+    """The forward program after its weight passes, analysed once (the arena plans from it)."""
+    if any(p in st.ran for p in ("quantize", "offload")):
+        st.analysis = analyze(st.captured)
+    st.gm = st.captured.module()
+
+
+def _stage_plan(st: _State) -> None:
+    """The Plan's rows and predictions, read from what the stages built."""
+    bp = st.budget_plan
+    budget_names = [d.name.split(" (")[0] for d in bp.decisions] if bp is not None else []
+    decisions = _decisions(st.before.captured, st.captured, st.gen, st.weights, st.kv_meta, budget_names)
+    if bp is not None:
+        st.notes += _budget_divergence(decisions, bp, st.formats, kv_given=bool(st.config.kv),
+                                       generation=st.gen is not None)
+    st.plan = st.plan.with_(decisions=decisions, predictions={
+        "weights_bytes_before": st.before.weights_bytes,
+        "weights_bytes": _state_bytes(st.captured),
+        "activation_lower_bound_bytes": st.analysis.activation_lower_bound_bytes,
+        "activation_peak_bytes_before": st.before.activation_peak_bytes,
+        "arena_bytes": st.plan.arena.size_bytes if st.plan.arena else None,
+        "kv_cache_bytes": _kv_bytes(st.gen) if st.gen is not None else 0,
+    })
+    if bp is not None:
+        b = bp.to_json()
+        st.plan = st.plan.with_(predictions={**st.plan.predictions, "budget": {
+            k: b[k] for k in ("fits", "budget_bytes", "predicted_peak_bytes", "predicted_decode_s_per_token",
+                              "solver")}})
+
+
+# The compile, as a list of stages: (name, function, whether it runs). Rewrite passes run when the resolved
+# pass list holds them (see memopt.config.PASS_RULES for their order); the others always run.
+STAGES = (
+    ("capture", _stage_capture, lambda st: True),
+    ("budget", _stage_budget, lambda st: st.config.budget is not None),
+    ("quantize", _stage_quantize, lambda st: "quantize" in st.passes),
+    ("offload", _stage_offload, lambda st: "offload" in st.passes),
+    ("kv_offload", _stage_kv_offload, lambda st: "kv_offload" in st.passes),
+    ("kv", _stage_kv, lambda st: "kv" in st.passes),
+    ("analyze", _stage_analyze, lambda st: True),
+    ("arena", _stage_arena, lambda st: "arena" in st.passes),
+    ("plan", _stage_plan, lambda st: True),
+)
+
+
+def compile_model(model: Any = None, example_inputs: Sequence | None = None, config: CompileConfig | None = None,
+                  *, calibration: Any = None, verbose: bool = False, **options) -> CompileResult:
+    """Capture `model`, run the stages and return the emitted module with its plan. `config` (or the same
+    fields as keyword arguments: `target`, `passes`, `quantize`, `kv`, `budget`, ... see `CompileConfig`)
+    says what to do. `calibration` (GPTQ and outlier formats): a text file path or a list of texts for a
+    model with a tokenizer (default: the bundled calibration text), or a list of args tuples for the model
+    (default: its example inputs)."""
+    from memopt.plan_check import check_plan
+
+    if config is None:
+        texts = calibration if isinstance(calibration, (str, Path)) or (
+            isinstance(calibration, (list, tuple)) and all(isinstance(c, str) for c in calibration)) else None
+        config = CompileConfig.from_kwargs(**options, **({"calibration": texts} if texts else {}))
+    elif options:
+        raise TypeError(f"pass either config= or keyword options, not both (got {sorted(options)})")
+    if config.budget is not None:
+        _check_budget_quantize(config.quantize)
+    say = (lambda m: print(f"memopt: {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
+    src, notes = _source_for(model, example_inputs, config)
+    check_source(src, batch=config.batch, seq=config.seq, max_cache=config.max_cache, budget=config.budget,
+                 kv=config.kv, offload_kv=config.offload_kv, generation=config.generation, quantize=config.quantize,
+                 calibration=calibration if calibration is not None else config.calibration)
+    st = _State(config, src, say, calibration if calibration is not None else config.calibration,
+                list(config.passes), target=get_target(config.target), notes=notes)
+    for name, stage, runs in STAGES:
+        if runs(st):
+            stage(st)
+            st.ran.append(name)
+    generator = st.gen.module() if st.gen is not None else None
+    if generator is not None and st.kv_meta is not None:
+        generator.meta["memopt_kv"] = st.kv_meta
+    check_plan(st.plan, {"program": st.gm, "generate": generator})  # the plan says what the programs do
+    module = OptimizedModule(st.gm, st.plan, {"notes": st.notes}, generator=generator, tokenizer=src.tokenizer)
+    result = CompileResult(module, st.plan, src, st.captured, st.analysis, st.before, st.gen, st.notes, config)
+    module.programs = result.programs  # what memopt.save writes
+    return result
+
+
+def _source_for(model: Any, example_inputs: Sequence | None, config: CompileConfig) -> tuple[ModelSource, list]:
+    """The model as a source with real weights; a float32 model under a budget is served in bfloat16, the
+    16-bit dtype the budget planner prices."""
+    src = _as_source(model, example_inputs, config.dtype)
+    notes = []
+    if config.budget is not None and src.dtype == torch.float32 and config.dtype is None:
+        src = _to_bf16(src)
+        notes.append(f"{src.name}: cast from float32 to bfloat16, the 16-bit dtype the budget plan assumes")
     if src.on_meta:
         raise ValueError(f"{src.name} has no weights (built on the meta device); compile needs real weights — "
                          "use memopt inspect to plan it, or pass a model directory with safetensors")
-    check_source(src, batch=batch, seq=seq, max_cache=max_cache, budget=budget, kv=kv, offload_kv=offload_kv,
-                 generation=generation, quantize=quantize, calibration=calibration)
-    say(f"capturing {src.name}")
-    captured = capture(src, batch=batch, seq=seq)
-    before = analyze(captured)
-    gen = None
-    if generation and src.family == "causal_lm":
-        cache = max_cache or (captured.seq if budget is not None else min(2048, src.max_seq))
-        say(f"capturing the generation program (static KV cache of {cache} tokens)")
-        # a compressed cache is written one token at a time: its program takes one token per call
-        gen = capture(src, phase="decode", batch=batch, cache_len=cache, dynamic=not (kv or budget is not None))
-    plan = Plan(model=src.name, target=tgt.name, batch=captured.batch, seq=captured.seq, passes=tuple(passes),
-                inputs=_input_specs(src, captured.example_inputs))
-    notes: list[str] = list(notes_pre)
-    weights_record: dict = {}
-    budget_plan, formats = None, None
-    if budget is not None:
-        from memopt.budget import plan_budget
-
-        say(f"planning formats for a budget of {budget} on {tgt.name}")
-        budget_plan = plan_budget(src, target=tgt, budget_bytes=budget, batch=captured.batch,
-                                  seq=captured.seq or None, objective=objective, max_quality_loss=max_quality_loss,
-                                  kv_host=kv_host)
-        from memopt.passes.quant_config import parse_quantize_spec
-
-        how = parse_quantize_spec(quantize) if quantize else None
-        # a tied embedding is labelled "model.embed_tokens (tied lm_head)": the module name is the first word
-        formats = {d["name"].split(" (")[0]: _int4_how(d["format"], how) for d in budget_plan.to_json()["decisions"]}
-        if any(f not in ("bf16", "native") for f in formats.values()) and "quantize" not in passes:
-            passes.insert(0, "quantize")
-        plan = plan.with_(passes=tuple(passes))
-        if any(d.placement == "host" for d in budget_plan.to_plan().decisions) and "offload" not in passes:
-            passes.insert(passes.index("arena") if "arena" in passes else len(passes), "offload")
-            plan = plan.with_(passes=tuple(passes))
-    if "quantize" in passes:
-        captured, qnotes, weights_record, quantized = _weight_passes(captured, quantize, quantize_skip, say,
-                                                                             formats, calibration=calibration)
-        notes += qnotes
-        if gen is not None:  # takes the forward program's quantized tensors: quantized once, held once
-            gen, _, _, _ = _weight_passes(gen, quantize, quantize_skip, say, formats, reuse=quantized)
-            shared = _share_state(captured, gen)
-            say(f"generation program shares {shared} weight tensors with the {captured.phase} program")
-        plan = plan.with_(pass_configs={**plan.pass_configs, "quantize": quantize or "budget plan"})
-    if "offload" in passes:
-        from memopt.passes.offload import OffloadConfig, OffloadPass
-
-        host_plan = budget_plan.to_plan() if budget_plan is not None else None
-        config = OffloadConfig(blocks=tuple(offload)) if offload else None
-        if config is None and host_plan is None:
-            raise ValueError("the offload pass needs blocks to offload: pass offload=[...] (--offload) or a --budget")
-        say("offloading blocks to host memory")
-        captured, onotes = _apply(captured, OffloadPass(config), host_plan)
-        notes += onotes
-        if gen is not None:
-            gen, _ = _apply(gen, OffloadPass(config), host_plan)
-            _share_offload(captured, gen)
-        plan = plan.with_(pass_configs={**plan.pass_configs, "offload": config.to_json() if config else "budget plan"})
-    kv_host_plan = budget_plan is not None and any(d.kv_placement == "host" for d in budget_plan.decisions)
-    if offload_kv and gen is None:
-        raise ValueError("offload_kv needs a decoder LM's generation program; this model has none")
-    if gen is not None and (offload_kv or kv_host_plan):
-        from memopt.passes.kv_offload import KVOffloadConfig, KVOffloadPass
-
-        # before KV compression: compression then leaves the offloaded (16-bit, host) layers alone
-        kv_config = KVOffloadConfig(layers=tuple(offload_kv)) if offload_kv else None
-        say("offloading KV caches to host memory")
-        gen, kvo_notes = _apply(gen, KVOffloadPass(kv_config), budget_plan.to_plan() if kv_host_plan else None)
-        notes += kvo_notes
-        plan = plan.with_(pass_configs={**plan.pass_configs,
-                                        "kv_offload": kv_config.to_json() if kv_config else "budget plan"})
-    kv_meta = None
-    if gen is not None and (kv or budget_plan is not None):
-        gen, kv_meta, knotes = _compress_kv(gen, kv, budget_plan.to_plan() if budget_plan and not kv else None)
-        notes += knotes
-        if kv_meta is not None:
-            plan = plan.with_(pass_configs={**plan.pass_configs, "kv": {"spec": kv or "budget plan", "meta": kv_meta}})
-    analysis = analyze(captured) if ("quantize" in passes or "offload" in passes) else before
-    if reorder and "arena" in passes:
-        captured, analysis, rnote = _reorder(captured, analysis, time_limit_s, say)
-        notes += rnote
-    gm = captured.module()
-    if "arena" in passes:
-        config = ArenaConfig(time_limit_s=time_limit_s, solver=arena_solver, outputs_in_arena=outputs_in_arena)
-        kinds = ("activation", "output") if outputs_in_arena else ("activation",)
-        say(f"planning the arena ({len(analysis.storages)} storages, solver {arena_solver})")
-        t0 = time.perf_counter()
-        graph = analysis.to_memgraph()
-        if config.solver == "greedy":
-            arena = greedy_arena(graph, kinds=kinds, alignment=config.alignment)
-        else:
-            arena = solve_arena(graph, kinds=kinds, alignment=config.alignment,
-                                time_limit_s=config.time_limit_s, solver=config.solver)
-        say(f"arena {arena.size_bytes} bytes (lower bound {arena.lower_bound_bytes}) in {time.perf_counter() - t0:.2f} s")
-        plan = plan.with_(arena=arena, pass_configs={**plan.pass_configs, "arena": config.to_json()})
-        result = ArenaPass(config)(gm, plan)
-        gm, notes = result.gm, notes + result.notes
-    budget_names = [d.name.split(" (")[0] for d in budget_plan.decisions] if budget_plan is not None else []
-    decisions = _decisions(before.captured, captured, gen, weights_record, kv_meta, budget_names)
-    if budget_plan is not None:
-        notes += _budget_divergence(decisions, budget_plan, formats, kv_given=bool(kv), generation=gen is not None)
-    plan = plan.with_(decisions=decisions, order=tuple(analysis.op_names) if "arena" in passes else None)
-    plan = plan.with_(predictions={
-        "weights_bytes_before": before.weights_bytes,
-        "weights_bytes": _state_bytes(captured),
-        "activation_lower_bound_bytes": analysis.activation_lower_bound_bytes,
-        "activation_peak_bytes_before": before.activation_peak_bytes,
-        "arena_bytes": plan.arena.size_bytes if plan.arena else None,
-        "kv_cache_bytes": _kv_bytes(gen) if gen is not None else 0,
-    })
-    if budget_plan is not None:
-        bp = budget_plan.to_json()
-        plan = plan.with_(predictions={**plan.predictions, "budget": {
-            k: bp[k] for k in ("fits", "budget_bytes", "predicted_peak_bytes", "predicted_decode_s_per_token",
-                               "solver")}})
-    generator = gen.module() if gen is not None else None
-    if generator is not None and kv_meta is not None:
-        generator.meta["memopt_kv"] = kv_meta
-    from memopt.plan_check import check_plan
-
-    check_plan(plan, {"program": gm, "generate": generator})  # the plan says what the programs do
-    module = OptimizedModule(gm, plan, {"notes": notes}, generator=generator, tokenizer=src.tokenizer)
-    result = CompileResult(module, plan, src, captured, analysis, before, gen, notes)
-    module.programs = result.programs  # what memopt.save writes
-    return result
+    return src, notes
 
 
 def _to_bf16(src: ModelSource) -> ModelSource:
@@ -568,7 +592,7 @@ def _state_tensors(captured: Captured) -> dict[str, torch.Tensor]:
         for name, t in table.items():
             leaf = name.rsplit(".", 1)[-1]
             if (isinstance(t, torch.Tensor) and (leaf.startswith("weight") or leaf == "bias") and name not in mutated
-                    and not _is_kv(name) and "_memopt_offload" not in name):
+                    and not is_kv(name) and not is_offload(name)):
                 out[name] = t
     return out
 
@@ -604,14 +628,14 @@ def _share_offload(src: Captured, dst: Captured) -> None:
     equal in both) and the device staging slots (scratch each program fills before every read; the two
     programs never run at once), so the device holds the plan's prefetch buffers once, not twice."""
     theirs = {n: t for n, t in [*src.exported.state_dict.items(), *src.exported.constants.items()]
-              if n.startswith("_memopt_offload_")}
+              if n.startswith(OFFLOAD_PREFIX)}
     ep = dst.exported
     for table in (ep._state_dict, ep._constants):
         for name, t in list(table.items()):
             other = theirs.get(name)
             if other is None or other.shape != t.shape or other.dtype != t.dtype or other.device != t.device:
                 continue
-            if name.startswith("_memopt_offload_slot") or torch.equal(other, t):
+            if name.startswith(SLOT_PREFIX) or torch.equal(other, t):
                 table[name] = other
 
 
@@ -631,7 +655,7 @@ def _state_bytes(captured: Captured) -> int:
     offloaded blocks count only through their staging slots)."""
     seen, total = set(), 0
     for name, t in captured.exported.state_dict.items():
-        if _is_kv(name) or "_memopt_offload_host_" in name or id(t) in seen:
+        if is_kv(name) or HOST_PREFIX in name or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size()
@@ -644,8 +668,7 @@ def _kv_bytes(captured: Captured) -> int:
     return sum(t.numel() * t.element_size() for n, t in tensors.items() if _is_kv(n))
 
 
-def _is_kv(name: str) -> bool:
-    return "key_cache" in name or "value_cache" in name or "kv_cache_" in name
+_is_kv = is_kv
 
 
 def compile(model: Any = None, example_inputs: Sequence | None = None, **kwargs) -> OptimizedModule:  # noqa: A001

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import torch
 
-HOST_MARK = "_memopt_offload_host_"
+from memopt.names import HOST_PREFIX as HOST_MARK
 
 
 def to_device(module, device: str | torch.device):
     """`module` (an OptimizedModule with `.programs`) rebuilt on `device`."""
     from torch.export.passes import move_to_device_pass
 
-    from memopt.artifact import assemble
+    from memopt.module import assemble
 
     device = check_device(device)
     programs = getattr(module, "programs", None) or {}

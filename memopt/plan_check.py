@@ -32,11 +32,9 @@ from torch import fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 import memopt.runtime  # noqa: F401  (registers the memopt:: ops this module reads)
+from memopt.names import HOST_PREFIX, LAYER_INDEX, SLOT_PREFIX
 
 ARENA_ATTR = "_memopt_arena"
-HOST_PREFIX = "_memopt_offload_host_"
-SLOT_PREFIX = "_memopt_offload_slot"
-LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks?)\.(\d+)$")  # as passes/kv.py reads a plan's KV rows
 KV_STATE = re.compile(r"^kv_cache_(\d+)_g\d+_")
 KEY_CACHE = re.compile(r"^key_cache_(\d+)$")
 _NATIVE = ("native", "bf16", "fp16", "fp32")
@@ -107,7 +105,13 @@ def kv_policy_spec(policy) -> str:
     """The `parse_kv_spec` string of one layer's KV policy with every parameter ("kivi:k4v2:g32:r128",
     "streaming:4:28", "h2o:64", "full"); ValueError for a policy no such string describes (per-head groups,
     composed techniques)."""
-    from memopt.kv import H2OConfig, KVCachePolicy, SnapKVConfig, StreamingConfig, parse_kv_spec
+    from memopt.kv import (
+        H2OConfig,
+        KVCachePolicy,
+        SnapKVConfig,
+        StreamingConfig,
+        parse_kv_spec,
+    )
 
     spec = None
     if isinstance(policy, KVCachePolicy):
@@ -202,7 +206,11 @@ def _read(node: fx.Node, layer: str, host: str) -> WeightRead:
 
 def _format_problem(fmt: str, r: WeightRead) -> str:
     """Why weight read `r` is not in format `fmt` ("" when it is)."""
-    from memopt.passes.quant_config import Int4WeightConfig, Int8WeightConfig, parse_quantize_spec
+    from memopt.passes.quant_config import (
+        Int4WeightConfig,
+        Int8WeightConfig,
+        parse_quantize_spec,
+    )
 
     if fmt in _NATIVE:
         return "" if r.format == "native" else f"the graph reads it as {r.format}"

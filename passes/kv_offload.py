@@ -28,23 +28,29 @@ left on the device (caches kept there plus staging slots).
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
 
 import torch
+from memopt.passes.base import Pass, PassResult
+from memopt.passes.kv import cache_updates
+from memopt.passes.offload import (
+    HOST_PREFIX,
+    Transfer,
+    _matches,
+    _name,
+    _scope,
+    check_schedule,
+)
 from torch import fx
 
 from memopt.analysis import BLOCK_NAME
-from memopt.passes.base import Pass, PassResult
-from memopt.passes.kv import cache_updates
-from memopt.passes.offload import HOST_PREFIX, Transfer, _matches, _name, _scope, check_schedule
+from memopt.names import KV_NAME
 from memopt.runtime.offload_ops import KV_PREFETCH, KV_WAIT, KV_WRITEBACK
 from memopt.units import fmt_bytes
 
 CONFIG_VERSION = 1
 KV_HOST_PREFIX = HOST_PREFIX + "kv"
 KV_SLOT_PREFIX = "_memopt_offload_kv_cache_slot"
-KV_NAME = re.compile(r"(key|value)_cache|kv_cache")
 _KV_OPS = (KV_PREFETCH, KV_WAIT, KV_WRITEBACK)
 
 

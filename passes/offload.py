@@ -29,17 +29,16 @@ import fnmatch
 from dataclasses import asdict, dataclass
 
 import torch
+from memopt.passes.base import Pass, PassResult
 from torch import fx
 
 from memopt.analysis import BLOCK_NAME
-from memopt.passes.base import Pass, PassResult
+from memopt.names import HOST_PREFIX, SLOT_PREFIX
 from memopt.runtime.offload_ops import PREFETCH, WAIT
 from memopt.units import fmt_bytes
 
 CONFIG_VERSION = 1
 ALIGN_BYTES = 256
-HOST_PREFIX = "_memopt_offload_host_"
-SLOT_PREFIX = "_memopt_offload_slot"
 _VIEWS = {torch.ops.aten.slice.Tensor, torch.ops.aten.view.dtype, torch.ops.aten.view.default,
           torch.ops.aten.as_strided.default, torch.ops.aten.reshape.default, torch.ops.aten.alias.default}
 

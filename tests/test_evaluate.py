@@ -163,10 +163,8 @@ def test_main_prints_a_table(monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    from memopt.gguf import load_gguf_model, smollm2_path
-
-    return load_gguf_model(smollm2_path())
+def smollm2(smollm2_source):
+    return smollm2_source.model, smollm2_source.tokenizer  # the session's one SmolLM2 (conftest.py)
 
 
 @pytest.mark.slow

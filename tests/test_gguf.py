@@ -221,8 +221,8 @@ def test_smollm2_plans_on_meta_without_weights():
 
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_real_load_matches_the_meta_config():
-    model, tokenizer = load_gguf_model(smollm2_path())
+def test_smollm2_real_load_matches_the_meta_config(smollm2_source):
+    model, tokenizer = smollm2_source.model, smollm2_source.tokenizer  # load_gguf_model, via resolve_source
     assert not model.training and next(model.parameters()).dtype == torch.float32
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -411,10 +411,8 @@ def test_decoding_past_a_full_cache_is_refused(demo_source, demo_decode):
 
 # ---------------------------------------------------------------- SmolLM2
 @pytest.fixture(scope="module")
-def smollm2():
-    from memopt.sources import resolve_source
-
-    return resolve_source("smollm2")
+def smollm2(smollm2_source):
+    return smollm2_source  # the session's one SmolLM2 (conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -434,6 +432,7 @@ SMOL_EXACT = {
 }
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_eviction_within_budget_is_exact(smollm2, smollm2_text_ids):
     ids = smollm2_text_ids[:, :64]
@@ -445,6 +444,7 @@ def test_smollm2_eviction_within_budget_is_exact(smollm2, smollm2_text_ids):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.slow
 @needs_smollm2
 def test_smollm2_retrieval_heads_calibrate_on_random_letters(smollm2):
     from memopt.kv.duo import calibration_prompt, duo_attention_policy, retrieval_head_scores

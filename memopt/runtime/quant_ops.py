@@ -17,8 +17,10 @@ K % 16 == 0 (it returns garbage or crashes for other K), else a tile-wise dequan
 temporary fp weight is at most 4M elements. With `act_int8=True` the activations are quantized per
 row on the fly and multiplied with `torch._int_mm` (int32 accumulation): W8A8-dynamic, the fastest
 path at every M, but it adds activation error. int4 uses `aten._weight_int4pack_mm_for_cpu` (bf16
-activations) for up to 128 rows when N % 64 == 0. Its weight layout is a byte shuffle of the canonical
-one of the same size (per block of 64 rows, byte [k, j] = q[j, k] | q[j + 32, k] << 4), so on first
+activations) for up to 128 rows when N is a multiple of its row block. Its weight layout is a byte shuffle
+of the canonical one of the same size (per block of B rows, byte [k, j] = q[j, k] | q[j + B/2, k] << 4, with
+B = 64 where ATen's CPU capability is AVX512 and B = 32 with AVX2 or none, found once per process by comparing
+with `aten._convert_weight_to_int4pack_for_cpu`), so on first
 use `packed` is rewritten *in place* into it and tagged (`_memopt_int4_kernel`): one copy stays
 resident, never two. Every reader here accepts either layout; `canonical_int4_layout(module)` turns
 tagged buffers back before saving or exporting (artifacts and ONNX store the canonical layout). Its
@@ -39,7 +41,7 @@ from torch import Tensor
 _TILE_ELEMS = 1 << 22  # weight elements dequantized at a time on the reference path (16 MiB in fp32)
 _INT8PACK_MAX_ROWS = 16
 _INT4_KERNEL_MAX_ROWS = 128
-_KERNEL_BLOCK_N = 64  # rows per block of the CPU int4 kernel layout
+_KERNEL_BLOCKS = (64, 32)  # rows per block of the CPU int4 kernel layout: AVX512, then AVX2 / default builds
 _KERNEL_TAG = "_memopt_int4_kernel"
 _CLIP_RATIOS = (1.0, 0.96, 0.92, 0.88, 0.84, 0.8)
 
@@ -145,55 +147,66 @@ def dequantize_int4(packed: Tensor, scales: Tensor, zeros: Tensor, group_size: i
 
 
 # ---------------------------------------------------------------- CPU kernel layout (in place)
-def _kernel_from_q(q: Tensor) -> Tensor:
-    """uint8 values `[N, K]` (N % 64 == 0) -> the CPU kernel's bytes, shaped `[N, K/2]`."""
+def _kernel_from_q(q: Tensor, block: int) -> Tensor:
+    """uint8 values `[N, K]` (N % block == 0) -> the CPU kernel's bytes for row blocks of `block`, `[N, K/2]`."""
     n, k = q.shape
-    blk = q.reshape(n // _KERNEL_BLOCK_N, 2, _KERNEL_BLOCK_N // 2, k)
+    blk = q.reshape(n // block, 2, block // 2, k)
     return (blk[:, 0] | (blk[:, 1] << 4)).transpose(1, 2).reshape(n, k // 2)
 
 
-def _q_from_kernel(kernel_w: Tensor) -> Tensor:
+def _q_from_kernel(kernel_w: Tensor, block: int) -> Tensor:
     """Inverse of `_kernel_from_q`: `[N, K/2]` kernel bytes -> uint8 values `[N, K]`."""
     n, k = kernel_w.shape[0], kernel_w.shape[1] * 2
-    b = kernel_w.reshape(n // _KERNEL_BLOCK_N, k, _KERNEL_BLOCK_N // 2).transpose(1, 2)
+    b = kernel_w.reshape(n // block, k, block // 2).transpose(1, 2)
     return torch.stack([b & 15, b >> 4], dim=1).reshape(n, k)
 
 
-def _is_kernel_layout(packed: Tensor) -> bool:
+def _kernel_tag(packed: Tensor) -> int:
+    """The row block of the kernel layout `packed` holds, 0 when it holds the canonical layout."""
     tag = getattr(packed, _KERNEL_TAG, None)
-    return tag is not None and tag[0] == packed._version
+    return tag[1] if tag is not None and tag[0] == packed._version else 0
+
+
+def _is_kernel_layout(packed: Tensor) -> bool:
+    return _kernel_tag(packed) > 0
 
 
 def _unpack_any(packed: Tensor) -> Tensor:
-    return _q_from_kernel(packed) if _is_kernel_layout(packed) else unpack_int4(packed)
+    block = _kernel_tag(packed)
+    return _q_from_kernel(packed, block) if block else unpack_int4(packed)
 
 
-_LAYOUT_CHECKED: list[bool] = []
+_KERNEL_BLOCK_FOUND: list[int] = []
 
 
-def _layout_matches_aten() -> bool:
-    """Once per process: does `_kernel_from_q` equal `aten._convert_weight_to_int4pack_for_cpu` here?"""
-    if not _LAYOUT_CHECKED:
+def _kernel_block() -> int:
+    """Once per process: the row block B for which `_kernel_from_q(q, B)` equals
+    `aten._convert_weight_to_int4pack_for_cpu` in this build and CPU (64 with AVX512, 32 with AVX2 or no
+    vector ISA), 0 when neither does (the kernel is then not used)."""
+    if not _KERNEL_BLOCK_FOUND:
         q = torch.randint(0, 16, (128, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
         ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        _LAYOUT_CHECKED.append(ref.shape == (128, 32) and torch.equal(ref, _kernel_from_q(q.to(torch.uint8))))
-    return _LAYOUT_CHECKED[0]
+        found = [b for b in _KERNEL_BLOCKS
+                 if ref.shape == (128, 32) and torch.equal(ref, _kernel_from_q(q.to(torch.uint8), b))]
+        _KERNEL_BLOCK_FOUND.append(found[0] if found else 0)
+    return _KERNEL_BLOCK_FOUND[0]
 
 
-def _to_kernel_layout_(packed: Tensor) -> None:
-    """Rewrite canonical `packed` in place into the kernel layout, 64 rows at a time, and tag it."""
+def _to_kernel_layout_(packed: Tensor, block: int) -> None:
+    """Rewrite canonical `packed` in place into the kernel layout, `block` rows at a time, and tag it."""
     with torch.no_grad():
-        for i in range(0, packed.shape[0], _KERNEL_BLOCK_N):
-            rows = packed[i:i + _KERNEL_BLOCK_N]
-            rows.copy_(_kernel_from_q(unpack_int4(rows)))
-    setattr(packed, _KERNEL_TAG, (packed._version,))
+        for i in range(0, packed.shape[0], block):
+            rows = packed[i:i + block]
+            rows.copy_(_kernel_from_q(unpack_int4(rows), block))
+    setattr(packed, _KERNEL_TAG, (packed._version, block))
 
 
 def _to_canonical_layout_(packed: Tensor) -> None:
+    block = _kernel_tag(packed)
     with torch.no_grad():
-        for i in range(0, packed.shape[0], _KERNEL_BLOCK_N):
-            rows = packed[i:i + _KERNEL_BLOCK_N]
-            rows.copy_(pack_int4(_q_from_kernel(rows)))
+        for i in range(0, packed.shape[0], block):
+            rows = packed[i:i + block]
+            rows.copy_(pack_int4(_q_from_kernel(rows, block)))
     delattr(packed, _KERNEL_TAG)
     for attr in ("_memopt_cpu_int4_sz",):
         if hasattr(packed, attr):
@@ -222,10 +235,11 @@ def canonical_int4_layout(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def _cpu_int4_layout(packed: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor] | None:
     """(`packed` itself, in the kernel layout, and the `[K/g, N, 2]` bf16 scales-and-zeros), or None when
     the kernel cannot be used. Converts `packed` in place on first use (one resident copy)."""
-    if packed.shape[0] % _KERNEL_BLOCK_N or not _layout_matches_aten():
+    block = _kernel_block()
+    if not block or packed.shape[0] % block:
         return None
     if not _is_kernel_layout(packed):
-        _to_kernel_layout_(packed)
+        _to_kernel_layout_(packed, block)
     cached = getattr(packed, "_memopt_cpu_int4_sz", None)
     key = (scales._version, zeros._version)
     if cached is not None and cached[0] == key and cached[1].shape[1] == packed.shape[0]:
@@ -318,14 +332,14 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_
         y2 = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x2.to(torch.bfloat16).contiguous(), layout[0], group_size, layout[1]).to(x.dtype)
     else:
-        kernel = _is_kernel_layout(packed)
+        block = _kernel_tag(packed)
 
         def rows(i, j):
-            q = _q_from_kernel(packed[i:j]) if kernel else unpack_int4(packed[i:j])
+            q = _q_from_kernel(packed[i:j], block) if block else unpack_int4(packed[i:j])
             w = q.reshape(j - i, -1, group_size).to(x.dtype)
             w = w.sub_(zeros[i:j].to(x.dtype)[..., None]).mul_(scales[i:j].to(x.dtype)[..., None])
             return w.reshape(j - i, -1)
-        y2 = _tiled_linear(x2, n, rows, bias, _KERNEL_BLOCK_N if kernel else 1)
+        y2 = _tiled_linear(x2, n, rows, bias, block or 1)
         bias = None
     if outlier_idx is not None and outlier_weight is not None:
         y2 = y2 + x2.index_select(1, outlier_idx) @ outlier_weight.to(x.dtype).t()

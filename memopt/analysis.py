@@ -128,7 +128,7 @@ def _aliases_input(node: torch.fx.Node) -> bool:
         return True
     schema = getattr(node.target, "_schema", None)
     if schema is None or not schema.returns or schema.returns[0].alias_info is None:
-        return False
+        return _returns_its_input(node)
     val, first = node.meta.get("val"), node.args[0] if node.args else None
     if isinstance(val, (tuple, list)):
         val = next((v for v in val if isinstance(v, torch.Tensor)), None)
@@ -137,6 +137,31 @@ def _aliases_input(node: torch.fx.Node) -> bool:
         if isinstance(src, torch.Tensor):
             return _same_storage(val, src)
     return True
+
+
+_DROPOUTS = ("aten::dropout", "aten::feature_dropout", "aten::alpha_dropout", "aten::feature_alpha_dropout")
+
+
+def _returns_its_input(node: torch.fx.Node) -> bool:
+    """A composite op whose schema promises a new tensor but that, when run, hands back its input itself:
+    dropout in eval mode (or with p = 0), `contiguous` of a contiguous tensor, `type_as` to its own dtype,
+    `_unsafe_view`. Export's FakeTensors do not show it (they are fresh), so the ops are named here."""
+    name = getattr(getattr(node.target, "_schema", None), "name", "")
+    first = node.args[0] if node.args else None
+    if not isinstance(first, torch.fx.Node):
+        return False
+    if name in _DROPOUTS:
+        p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+        return train is False or p == 0
+    src = first.meta.get("val")
+    if name == "aten::contiguous":
+        fmt = node.kwargs.get("memory_format", torch.contiguous_format)
+        return isinstance(src, torch.Tensor) and src.is_contiguous(memory_format=fmt)
+    if name == "aten::type_as":  # self.to(other.dtype): self itself when the dtype already matches
+        other = node.args[1].meta.get("val") if len(node.args) > 1 and isinstance(node.args[1], torch.fx.Node) else None
+        return isinstance(src, torch.Tensor) and isinstance(other, torch.Tensor) and src.dtype == other.dtype
+    return name == "aten::_unsafe_view"  # a view whose schema does not say so
 
 
 def _scope(node: torch.fx.Node) -> str:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from memopt.module import assemble  # noqa: F401  (memopt.artifact.assemble: re-exported)
+from memopt.names import is_state
 from memopt.outdir import (
     FORMAT,
     MANIFEST,
@@ -45,7 +46,7 @@ from memopt.outdir import (
     write_error,
 )
 from memopt.plan import PLAN_SCHEMA_VERSION, Plan
-from memopt.program_io import DTYPES, ProgramError, dump_program
+from memopt.program_io import DTYPES, ProgramError, Zeros, dump_program
 from memopt.program_io import load_program as _load_program_blob
 
 SIGNATURE = "manifest.sig"
@@ -82,7 +83,8 @@ def _collect(ep, weights: dict[str, torch.Tensor], prefix: str, state: set[str])
     from memopt.runtime.quant_ops import canonicalize_int4_
 
     canonicalize_int4_([*ep.state_dict.values(), *ep.constants.values()])  # store the layout every device reads
-    mutated = set(ep.graph_signature.buffers_to_mutate.values())
+    mutated = set(ep.graph_signature.buffers_to_mutate.values()) | {  # caches may be constants written in place
+        n for n in [*ep.state_dict, *ep.constants] if is_state(n)}
     for name, t in [*ep.state_dict.items(), *ep.constants.items()]:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"program {prefix} holds a non-tensor constant {name!r} ({type(t).__name__}); "
@@ -99,8 +101,9 @@ def _collect(ep, weights: dict[str, torch.Tensor], prefix: str, state: set[str])
 
 
 def _write_weights(weights: dict[str, torch.Tensor], path: Path, state: set[str] = frozenset()) -> None:
-    """safetensors with tied tensors stored once (`memopt_aliases`); program state (`state`: KV caches,
-    staging slots) and large all-zero tensors stored as shapes only (`memopt_zeros`), zeros when loaded."""
+    """safetensors with tied tensors stored once (aliases); program state (`state`: KV caches,
+    staging slots) and large all-zero tensors stored as shapes only (metadata `memopt`: {"aliases", "zeros"}),
+    zeros when loaded."""
     from safetensors.torch import save_file
 
     tensors, aliases, zeros, by_storage = {}, {}, {}, {}
@@ -117,7 +120,8 @@ def _write_weights(weights: dict[str, torch.Tensor], path: Path, state: set[str]
         if key is not None:
             by_storage[key] = name
         tensors[name] = t.contiguous().clone() if not t.is_contiguous() else t
-    save_file(tensors, str(path), metadata={"memopt_aliases": json.dumps(aliases), "memopt_zeros": json.dumps(zeros)})
+    # one metadata key: safetensors writes its metadata map in no fixed order, and artifacts are byte-stable
+    save_file(tensors, str(path), metadata={"memopt": json.dumps({"aliases": aliases, "zeros": zeros})})
 
 
 def _dtype_name(dtype: torch.dtype) -> str | None:
@@ -323,13 +327,18 @@ def read_verified(directory: Path, files: dict, name: str) -> bytes:
 # ---------------------------------------------------------------- loading
 
 
-def _plan_from(data: bytes, directory: Path) -> Plan:
+def _json_object(data: bytes, name: str, directory: Path) -> dict:
     try:
         d = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ArtifactError(f"plan.json of {str(directory)!r} is not JSON; recompile the model") from None
+        raise ArtifactError(f"{name} of {str(directory)!r} is not JSON; recompile the model") from None
     if not isinstance(d, dict):
-        raise ArtifactError(f"plan.json of {str(directory)!r} is not a JSON object; recompile the model")
+        raise ArtifactError(f"{name} of {str(directory)!r} is not a JSON object; recompile the model")
+    return d
+
+
+def _plan_from(data: bytes, directory: Path) -> Plan:
+    d = _json_object(data, "plan.json", directory)
     if d.get("version") != PLAN_SCHEMA_VERSION:
         raise ArtifactError(f"plan.json schema version {d.get('version')!r} is not supported (this memopt reads "
                             f"{PLAN_SCHEMA_VERSION}); recompile the model with this memopt")
@@ -358,8 +367,9 @@ def _read_weights(path: Path, where: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             meta = f.metadata() or {}
-        aliases = json.loads(meta.get("memopt_aliases", "{}"))
-        zeros = json.loads(meta.get("memopt_zeros", "{}"))
+        extra = json.loads(meta.get("memopt", "{}"))
+        extra = extra if isinstance(extra, dict) else {}
+        aliases, zeros = extra.get("aliases", {}), extra.get("zeros", {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise ArtifactError(f"weights.safetensors of {str(where)!r} is unreadable ({type(exc).__name__}: "
                             f"{str(exc)[:100]}); recompile the model") from None
@@ -379,7 +389,7 @@ def _read_weights(path: Path, where: Path) -> dict[str, torch.Tensor]:
                 raise ValueError
         except (KeyError, TypeError, ValueError):
             raise ArtifactError(f"weights.safetensors of {str(where)!r}: zero buffer {name!r} is malformed") from None
-        tensors[name] = torch.zeros(shape, dtype=dtype)
+        tensors[name] = Zeros(shape, dtype)  # allocated once a program's graph vouches for its shape
     return tensors
 
 
@@ -417,12 +427,7 @@ def _load_tokenizer(directory: Path, files: dict):
 
 
 def _clean_tokenizer_config(data: bytes, directory: Path) -> bytes:
-    try:
-        config = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ArtifactError(f"tokenizer/tokenizer_config.json of {str(directory)!r} is not JSON") from None
-    if not isinstance(config, dict):
-        raise ArtifactError(f"tokenizer/tokenizer_config.json of {str(directory)!r} is not a JSON object")
+    config = _json_object(data, "tokenizer/tokenizer_config.json", directory)
     config.pop("auto_map", None)  # remote code: never
     cls = config.get("tokenizer_class")
     if cls is not None and (not isinstance(cls, str) or not re.fullmatch(r"[A-Za-z0-9_]+", cls)):

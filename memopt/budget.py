@@ -120,6 +120,36 @@ class BudgetConfig:
 
 
 @dataclass(frozen=True)
+class DevicePlan:
+    """One device of a multi-device plan (memopt/split.py): its pipeline stage, its rank in the stage's
+    tensor-parallel group, its contiguous range of planned layers (indices into the plan's decisions,
+    inclusive) and what it holds. Bytes are this device's own (a tensor-parallel share)."""
+
+    index: int
+    device: str
+    node: int
+    stage: int
+    tp_rank: int
+    first: int
+    last: int
+    layers: str  # the range in words: "embed, 0-39", "40-79, head"
+    weights_bytes: int
+    kv_bytes: int
+    arena_bytes: int
+    pipeline_buffer_bytes: int  # activations received from the previous stage and sent to the next
+    prefetch_bytes: int  # host-streamed weights' prefetch buffers and host-KV staging buffers
+    peak_bytes: int
+    budget_bytes: int
+    reserve_bytes: int
+    time_s: float  # its stage's share of one decode step (its layers, its all-reduces, its send)
+    time_share: float
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.budget_bytes - self.reserve_bytes
+
+
+@dataclass(frozen=True)
 class BudgetPlan:
     model: str
     target: str
@@ -140,9 +170,16 @@ class BudgetPlan:
     solver: SolverReport
     planning_s: float
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # several devices (memopt/split.py); empty for one device, whose JSON has none of these keys
+    devices: tuple[DevicePlan, ...] = ()
+    tensor_parallel: int = 1
+    cluster: dict | None = None
 
     def to_json(self) -> dict:
         s = self.solver
+        multi = {"cluster": self.cluster, "tensor_parallel": self.tensor_parallel,
+                 "pipeline_stages": len({d.stage for d in self.devices}),
+                 "devices": [{**asdict(d), "fits": d.fits} for d in self.devices]} if self.devices else {}
         return {
             "model": self.model, "target": self.target, "batch": self.batch, "seq": self.seq, "fits": self.fits,
             "budget_bytes": self.budget_bytes, "reserve_bytes": self.reserve_bytes,
@@ -155,6 +192,7 @@ class BudgetPlan:
                        "objective": _finite(s.objective), "baseline_objective": _finite(s.baseline_objective),
                        "notes": s.notes},
             "planning_s": round(self.planning_s, 4), "config": self.config.to_json(), "notes": list(self.notes),
+            **multi,
         }
 
     def to_plan(self) -> Plan:
@@ -168,6 +206,7 @@ class BudgetPlan:
                                         d.kv_placement)
                           for d in self.decisions)
         keys = ("predicted_peak_bytes", "predicted_prefill_s", "predicted_decode_s_per_token", "quality_loss", "fits")
+        keys += ("cluster", "tensor_parallel", "pipeline_stages", "devices") if self.devices else ()
         j = self.to_json()
         return Plan(model=self.model, target=self.target, batch=self.batch, seq=self.seq, decisions=decisions,
                     predictions={k: j[k] for k in keys}, pass_configs={"budget": self.config.to_json()})
@@ -400,8 +439,10 @@ def _runs(decisions) -> list[tuple[str, BudgetDecision, int]]:
 
 def format_budget_table(plan: BudgetPlan, *, group: bool = True) -> str:
     """Per layer (consecutive identical layers on one line when `group`): format, placement, KV bits and
-    KV placement, device bytes; then the predicted peak against the budget, prefill time and decode speed."""
-    d = plan.to_json()
+    KV placement, device bytes; then the predicted peak against the budget, prefill time and decode speed.
+    A multi-device plan (memopt/split.py) prints one row per device first, then each stage's layers."""
+    if plan.devices:
+        return _format_devices(plan, group=group)
     lines = [f"model    {plan.model}, batch {plan.batch}, seq {plan.seq}, objective {plan.config.objective}",
              f"target   {plan.target}: budget {fmt_bytes(plan.budget_bytes)}, reserve {fmt_bytes(plan.reserve_bytes)}",
              "", f"  {'layer':<34}{'format':<10}{'place':<8}{'KV bits':>8}{'KV at':>7}{'device bytes':>14}"
@@ -424,12 +465,63 @@ def format_budget_table(plan: BudgetPlan, *, group: bool = True) -> str:
     if plan.predicted_decode_s_per_token is not None:
         lines.append(f"decode   {plan.predicted_decode_s_per_token * 1e3:.3g} ms per step "
                      f"({plan.predicted_tokens_per_s:.3g} tokens/s at batch {plan.batch}, context {plan.seq})")
-    lines.append(f"quality  penalty {plan.quality_loss:.3g} (lam {plan.lam:.3g} s per unit)")
-    s = d["solver"]
+    return "\n".join(lines + _footer(plan))
+
+
+def _footer(plan: BudgetPlan) -> list[str]:
+    lines = [f"quality  penalty {plan.quality_loss:.3g} (lam {plan.lam:.3g} s per unit)"]
+    s = plan.to_json()["solver"]
     gap = "n/a" if s["gap"] is None else f"{s['gap']:.2%}"
     lines.append(f"solver   {s['name']}: {s['status']}, {s['time_s']:.2f} s, gap {gap}; {s['notes']}")
-    lines += [f"note: {n}" for n in plan.notes]
-    return "\n".join(lines)
+    return lines + [f"note: {n}" for n in plan.notes]
+
+
+def _format_devices(plan: BudgetPlan, *, group: bool = True) -> str:
+    """One row per device (node, stage, layer range, weights, KV, arena + buffers, peak, usable budget,
+    share of the step time), then each stage's layers as in the one-device table."""
+    c = plan.cluster or {}
+    link = c.get("intra_link") or {}
+    net = c.get("network")
+    stages = sorted({d.stage for d in plan.devices})
+    lines = [f"model    {plan.model}, batch {plan.batch}, seq {plan.seq}, objective {plan.config.objective}",
+             f"target   {plan.target}: {len(plan.devices)} devices in {c.get('nodes', 1)} node(s), "
+             f"tensor parallel {plan.tensor_parallel} x {len(stages)} pipeline stage(s)",
+             f"links    in a node {link.get('name', '-')} ({link.get('bandwidth', 0) / 1e9:.3g} GB/s, "
+             f"{link.get('latency_s', 0) * 1e6:.3g} us)" + (
+                 f"; between nodes {net['name']} ({net['bandwidth'] / 1e9:.3g} GB/s, {net['latency_s'] * 1e6:.3g} us)"
+                 if net else ""),
+             f"budget   per device: its memory or --budget, less a reserve of "
+             f"{fmt_bytes(plan.devices[0].reserve_bytes)} (CUDA context, NCCL buffers); share: of a decode step",
+             "",
+             f"  {'device':<16}{'node':>5}{'stage':>6}  {'layers':<18}{'weights':>11}{'KV':>11}{'arena+bufs':>12}"
+             f"{'peak':>11}{'budget':>11}{'share':>7}"]
+    for d in plan.devices:
+        lines.append(f"  {f'{d.index} {d.device}'[:15]:<16}{d.node:>5}{d.stage:>6}  {d.layers[:17]:<18}"
+                     f"{fmt_bytes(d.weights_bytes):>11}{fmt_bytes(d.kv_bytes):>11}"
+                     f"{fmt_bytes(d.arena_bytes + d.pipeline_buffer_bytes + d.prefetch_bytes):>12}"
+                     f"{fmt_bytes(d.peak_bytes):>11}{fmt_bytes(d.budget_bytes):>11}"
+                     f"{d.time_share:>7.0%}" + ("" if d.fits else "  over"))
+    lines += ["", f"  {'layer (bytes per device)':<34}{'format':<10}{'place':<8}{'KV bits':>8}{'KV at':>7}"
+                  f"{'device bytes':>14}{'layers':>8}"]
+    for s in stages:
+        first = next(d for d in plan.devices if d.stage == s)
+        ids = [d.index for d in plan.devices if d.stage == s]
+        lines.append(f"  stage {s} (device{'s' if len(ids) > 1 else ''} "
+                     f"{ids[0] if len(ids) == 1 else f'{ids[0]}-{ids[-1]}'})")
+        chosen = plan.decisions[first.first:first.last + 1]
+        rows = _runs(chosen) if group else [(x.name, x, 1) for x in chosen]
+        for label, x, n in rows:
+            kv, at = ("-", "-") if x.kv_bits is None else (str(x.kv_bits), x.kv_placement)
+            lines.append(f"    {label[:31]:<32}{x.format:<10}{x.placement:<8}{kv:>8}{at:>7}{fmt_bytes(x.bytes):>14}"
+                         f"{n:>8}")
+    worst = max(plan.devices, key=lambda d: d.peak_bytes / max(d.budget_bytes - d.reserve_bytes, 1))
+    lines += ["", f"fits     {'yes' if plan.fits else 'NO'}: the fullest device ({worst.index}) at "
+                  f"{fmt_bytes(worst.peak_bytes)} of {fmt_bytes(worst.budget_bytes - worst.reserve_bytes)} usable",
+              f"prefill  {plan.predicted_prefill_s:.3g} s for {plan.batch} x {plan.seq} tokens"]
+    if plan.predicted_decode_s_per_token is not None:
+        lines.append(f"decode   {plan.predicted_decode_s_per_token * 1e3:.3g} ms per step "
+                     f"({plan.predicted_tokens_per_s:.3g} tokens/s at batch {plan.batch}, context {plan.seq})")
+    return "\n".join(lines + _footer(plan))
 
 
 __all__ = ["BudgetConfig", "BudgetPlan", "BudgetInfeasible", "plan_budget", "budget_problem", "format_budget_table",

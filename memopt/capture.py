@@ -77,7 +77,7 @@ def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, se
         dynamic_shapes = tuple({0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for _ in args)
     else:
         args = source.example_inputs(batch, seq)
-    ep = _aten_grouped_mm(_export(module, args, {}, dynamic_shapes, source))
+    ep = _linear_matmuls(_aten_grouped_mm(_export(module, args, {}, dynamic_shapes, source)))
     seq_len = args[0].shape[1] if source.fixed_inputs is None and args[0].dim() > 1 else 0
     return Captured(ep, phase, source, args, {}, args[0].shape[0] if seq_len else batch, seq_len, 0,
                     dynamic_shapes is not None, [], dynamic_shapes)
@@ -153,7 +153,7 @@ def _capture_decode(source: ModelSource, batch: int, cache_len: int, dynamic: bo
     if dynamic:
         dim = Dim("tokens", min=1, max=cache_len)
         shapes = {"input_ids": {1: dim}, "cache_position": {0: dim}}
-    ep = _aten_grouped_mm(_export(wrapper, (), kwargs, shapes, source))
+    ep = _linear_matmuls(_aten_grouped_mm(_export(wrapper, (), kwargs, shapes, source)))
     if ep.graph.eliminate_dead_code():  # e.g. OPT's unused mask of `past + new` ones, sized by the cache's length
         ep.graph_module.recompile()
     return Captured(ep, "decode", source, (), kwargs, batch, tokens, cache_len, dynamic,
@@ -177,6 +177,47 @@ def _export(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, source
                 except Exception:
                     pass
             raise CaptureError(_explain(exc, module, source)) from exc
+
+
+def export_again(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes=None) -> ExportedProgram:
+    """Export a rewritten program again. `aten._grouped_mm`'s fake kernel takes bfloat16 only, so float32 expert
+    matmuls are traced as transformers' fallback op (same arguments) and turned back into aten after."""
+    swapped = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten._grouped_mm.default
+               and getattr(n.args[0].meta.get("val"), "dtype", torch.bfloat16) != torch.bfloat16]
+    for node in swapped:
+        node.target = torch.ops.transformers.grouped_mm_fallback.default
+    if swapped:
+        gm.recompile()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _aten_grouped_mm(torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False))
+    finally:
+        for node in swapped:
+            node.target = torch.ops.aten._grouped_mm.default
+        if swapped:
+            gm.recompile()
+
+
+def _linear_matmuls(ep: ExportedProgram) -> ExportedProgram:
+    """`x @ W.T` on a 2-D parameter (Falcon's `FalconLinear`) -> `linear(x, W)`, the form every pass reads
+    (quantize, offload, ONNX): the same matrix product."""
+    params = set(ep.graph_signature.inputs_to_parameters)
+    transposes = (torch.ops.aten.numpy_T.default, torch.ops.aten.t.default)
+    changed = False
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or node.target is not torch.ops.aten.matmul.default:
+            continue
+        wt = node.args[1]
+        if isinstance(wt, torch.fx.Node) and wt.op == "call_function" and wt.target in transposes:
+            w = wt.args[0]
+            if w.op == "placeholder" and w.name in params and w.meta["val"].dim() == 2:
+                node.target, node.args = torch.ops.aten.linear.default, (node.args[0], w)
+                changed = True
+    if changed:
+        ep.graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+    return ep
 
 
 def _aten_grouped_mm(ep: ExportedProgram) -> ExportedProgram:

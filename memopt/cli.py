@@ -45,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on the summed quality penalty of the budget plan")
     p.add_argument("--plan-only", action="store_true",
                    help="plan without weights (presets, config dirs, GGUF headers): print the plan, write plan.json")
+    p.add_argument("--devices", type=int, default=None, metavar="N",
+                   help="with --plan-only: N devices of --target per node (or write --target 4xh100-80gb, "
+                        "2x(rtx-4090), 1x(rtx-4090)+1x(rtx-3090)); the plan splits the model across them, --budget per device")
+    p.add_argument("--nodes", type=int, default=None, metavar="M",
+                   help="with --plan-only: M nodes, each with the devices --target names")
+    p.add_argument("--network", default=None, metavar="LINK",
+                   help="with --nodes: the link between nodes (ib-ndr400, ib-hdr200, eth-100g, eth-10g; default: "
+                        "the devices' own)")
+    p.add_argument("--tensor-parallel", type=int, default=None, metavar="T",
+                   help="with several devices: force this tensor-parallel degree (default: the planner's choice)")
     p.add_argument("--passes", default="arena", help="comma-separated passes, in order (default: arena)")
     p.add_argument("--quantize", default=None, metavar="FORMAT",
                    help="weight format: int8, int8:dyn, int4[:gN][:gptq][:had][:oF] (had: Hadamard-rotated "
@@ -125,10 +135,14 @@ def cmd_plan_only(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
     from memopt.artifact import save
-    from memopt.budget import format_budget_table, plan_budget
+    from memopt.budget import format_budget_table
+    from memopt.split import plan_split
 
-    plan = plan_budget(args.model, target=args.target, budget_bytes=args.budget, batch=args.batch, seq=args.seq,
-                       objective=args.objective, max_quality_loss=args.max_quality_loss, kv_host=args.kv_host)
+    # one device: exactly plan_budget; several (4xh100-80gb, --devices, --nodes): split across them
+    plan = plan_split(args.model, target=args.target, devices=args.devices, nodes=args.nodes, network=args.network,
+                      budget_bytes=args.budget, batch=args.batch, seq=args.seq, objective=args.objective,
+                      max_quality_loss=args.max_quality_loss, kv_host=args.kv_host,
+                      tensor_parallel=args.tensor_parallel)
     if args.output:
         save(SimpleNamespace(plan=plan.to_plan(), tokenizer=None), args.output)
     if args.json:
@@ -147,6 +161,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     if args.plan_only:
         return cmd_plan_only(args)
+    for flag in ("devices", "nodes", "network", "tensor_parallel"):
+        if getattr(args, flag, None) is not None:
+            raise ValueError(f"--{flag.replace('_', '-')} plans several devices, which only --plan-only does for now; "
+                             "add --plan-only")
     if not args.output:
         raise ValueError("memopt compile needs -o DIR for the artifact (or --plan-only to only print the plan)")
     from memopt.outdir import check_output

@@ -20,6 +20,16 @@ Formats (bytes per parameter of a weight matrix with `in` input features):
   lossless   0.7 * 2                            entropy-coded bf16 exponents (DFloat11, ~11 bits, bit-exact)
 Norms and biases stay 16-bit in every format.
 
+Mixture-of-experts blocks (Mixtral, Qwen2-MoE, OLMoE): every expert's matrices are stored (all count
+toward bytes), a decode step reads only the experts its tokens are routed to (`experts_per_token` of
+`experts` per token; for `rows` tokens the expected number of distinct experts is
+E * (1 - (1 - k/E)^rows)), plus the router and any shared expert.
+
+Several devices: `tensor_parallel_shape` is what one device of a tensor-parallel group holds and computes
+(Megatron-LM, Shoeybi et al. 2019: heads, KV heads, MLP columns and the vocabulary split `degree` ways);
+`allreduce_time_s` and `send_time_s` price the links (alpha-beta model: latency + bytes / bandwidth; a
+ring all-reduce over d devices takes 2(d-1) steps moving 2(d-1)/d of the bytes).
+
 Decode overhead (`DECODE_OVERHEAD`, a modeling choice, not a measurement): the factor by which a
 format's weight read is slower than its byte count at peak bandwidth, because the dequantizing kernel
 does not stream at peak: bf16 1.0; int8 1.1; int4:g64 1.25 (Marlin-class GEMV kernels reach ~80% of
@@ -31,10 +41,10 @@ decompressed layer costs ~1.12x its bf16 read). Quantized KV caches likewise (`K
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
-from memopt.targets import Target
+from memopt.targets import Link, Target
 
 FORMATS = ("bf16", "int8", "int4:g64", "lossless")
 KV_BITS = (16, 8, 4, 2)
@@ -43,8 +53,8 @@ DECODE_OVERHEAD = {"bf16": 1.0, "int8": 1.1, "int4": 1.25, "lossless": 1.6}
 KV_OVERHEAD = {16: 1.0, 8: 1.1, 4: 1.2, 2: 1.3}
 ACT_BYTES = 2  # activations and 16-bit weights
 LOGIT_BYTES = 4  # logits are computed in fp32
-_GATED = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "gemma", "gemma2", "gemma3", "phi3", "olmo",
-          "olmo2", "cohere", "granite", "smollm3", "deepseek_v3"}
+_GATED = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe", "gemma", "gemma2",
+          "gemma3", "phi3", "olmo", "olmo2", "cohere", "granite", "smollm3", "deepseek_v3"}
 _ENCODERS = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet"}
 
 
@@ -74,6 +84,12 @@ class ModelShape:
     compute_dtype: str = "bf16"
     block_prefix: str = "model.layers"
     embed_name: str = "model.embed_tokens"
+    experts: int = 0  # routed experts per block (MoE); 0: a dense MLP of `intermediate`
+    experts_per_token: int = 0  # top-k routing
+    expert_intermediate: int = 0  # each routed expert's MLP width
+    shared_expert_intermediate: int = 0  # an always-on shared expert (Qwen2-MoE), 0: none
+    shared_expert_gate: bool = False  # the shared expert's sigmoid gate (a 1 x hidden matrix)
+    qk_norm_params: int = 0  # RMSNorm weights on q and k (OLMoE: whole projections; Qwen3: per head)
 
     def __post_init__(self):
         for key in ("layers", "hidden", "intermediate", "heads", "kv_heads", "head_dim", "vocab", "weight_dtype_bytes"):
@@ -82,6 +98,14 @@ class ModelShape:
                 raise ValueError(f"ModelShape.{key} must be a positive int, got {value!r}")
         if self.heads % self.kv_heads:
             raise ValueError(f"ModelShape.heads ({self.heads}) must be a multiple of kv_heads, got {self.kv_heads}")
+        for key in ("experts", "experts_per_token", "expert_intermediate", "shared_expert_intermediate"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
+                raise ValueError(f"ModelShape.{key} must be an int >= 0, got {getattr(self, key)!r}")
+        if not isinstance(self.qk_norm_params, int) or self.qk_norm_params < 0:
+            raise ValueError(f"ModelShape.qk_norm_params must be an int >= 0, got {self.qk_norm_params!r}")
+        if self.experts and not (1 <= self.experts_per_token <= self.experts and self.expert_intermediate >= 1):
+            raise ValueError(f"ModelShape with {self.experts} experts needs 1 <= experts_per_token <= experts and "
+                             f"expert_intermediate >= 1, got {self.experts_per_token} and {self.expert_intermediate}")
 
     @property
     def q_dim(self) -> int:
@@ -140,16 +164,27 @@ def model_shape(config, *, name: str = "") -> ModelShape:
         extra = (positions + int(_get(config, "type_vocab_size", default=2))) * hidden
     prefix, embed = ("transformer.h", "transformer.wte") if gpt2 else (
         ("encoder.layer", "embeddings") if bert else ("model.layers", "model.embed_tokens"))
+    qk_norm = {"olmoe": heads * head_dim + kv_heads * head_dim, "qwen3": 2 * head_dim,
+               "qwen3_moe": 2 * head_dim}.get(model_type, 0)
+    experts = int(_get(config, "num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
+    moe = {}
+    if experts:
+        width = int(_get(config, "moe_intermediate_size", default=0) or intermediate)
+        shared = int(_get(config, "shared_expert_intermediate_size", default=0) or 0) or (
+            int(_get(config, "n_shared_experts", default=0) or 0) * width)
+        moe = dict(experts=experts, experts_per_token=min(experts, int(_get(
+            config, "num_experts_per_tok", "moe_topk", "top_k", default=2) or 2)), expert_intermediate=width,
+            shared_expert_intermediate=shared, shared_expert_gate=bool(shared) and model_type == "qwen2_moe")
     return ModelShape(
         name=name or str(_get(config, "name_or_path", "_name_or_path", default="") or model_type),
         layers=layers, hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
         vocab=int(_get(config, "vocab_size", default=32000)), weight_dtype_bytes=dtype_bytes,
         tied_embeddings=bool(_get(config, "tie_word_embeddings", default=False)) and decoder,
         gated_mlp=gated, decoder=decoder,
-        qkv_bias=model_type == "qwen2" or bool(_get(config, "attention_bias", default=False)),
+        qkv_bias=model_type in ("qwen2", "qwen2_moe") or bool(_get(config, "attention_bias", default=False)),
         linear_bias=gpt2 or bert, layernorm_bias=gpt2 or bert, extra_embed_params=extra,
         pooler=bert and not decoder, max_positions=positions, compute_dtype=compute, block_prefix=prefix,
-        embed_name=embed,
+        embed_name=embed, qk_norm_params=qk_norm, **moe,
     )
 
 
@@ -201,26 +236,44 @@ class LayerWeights:
     kind: str
     matrices: tuple[tuple[int, int], ...]  # (out_features, in_features) of each quantizable matrix
     other_params: int = 0  # norms and biases, kept 16-bit
+    experts: int = 0  # MoE: `experts` copies of `expert_matrices`, each token routed to `experts_per_token`
+    expert_matrices: tuple[tuple[int, int], ...] = ()
+    experts_per_token: int = 0
 
     @property
     def params(self) -> int:
-        return sum(r * c for r, c in self.matrices) + self.other_params
+        return (sum(r * c for r, c in self.matrices) + self.experts * sum(r * c for r, c in self.expert_matrices)
+                + self.other_params)
 
     def bytes(self, fmt: str) -> int:
-        return sum(matrix_bytes(fmt, r, c) for r, c in self.matrices) + 2 * self.other_params
+        return (sum(matrix_bytes(fmt, r, c) for r, c in self.matrices) + 2 * self.other_params
+                + self.experts * self.expert_bytes(fmt))
+
+    def expert_bytes(self, fmt: str) -> int:
+        """One routed expert's bytes (0 for a dense layer)."""
+        return sum(matrix_bytes(fmt, r, c) for r, c in self.expert_matrices)
+
+
+def _mlp(s: ModelShape, width: int) -> tuple[tuple[int, int], ...]:
+    up, down = (width, s.hidden), (s.hidden, width)
+    return (up, up, down) if s.gated_mlp else (up, down)
 
 
 def layer_weights(shape: ModelShape) -> tuple[LayerWeights, ...]:
     """Embedding, the blocks in order, then the LM head (with the final norm) or pooler."""
     s, h = shape, shape.hidden
     attn = ((s.q_dim, h), (s.kv_dim, h), (s.kv_dim, h), (h, s.q_dim))
-    up, down = (s.intermediate, h), (h, s.intermediate)
-    mlp = (up, up, down) if s.gated_mlp else (up, down)
-    norm = 2 * h * (2 if s.layernorm_bias else 1)
+    mlp = _mlp(s, s.intermediate) if not s.experts else (
+        ((s.experts, h),) + (_mlp(s, s.shared_expert_intermediate) if s.shared_expert_intermediate else ())
+        + (((1, h),) if s.shared_expert_gate else ()))
+    norm = 2 * h * (2 if s.layernorm_bias else 1) + s.qk_norm_params
     bias = (s.q_dim + 2 * s.kv_dim) * (s.qkv_bias or s.linear_bias)
     if s.linear_bias:
         bias += h + (s.intermediate * (2 if s.gated_mlp else 1)) + h
-    blocks = [LayerWeights(f"{s.block_prefix}.{i}", "block", attn + mlp, norm + bias) for i in range(s.layers)]
+    experts = dict(experts=s.experts, expert_matrices=_mlp(s, s.expert_intermediate),
+                   experts_per_token=s.experts_per_token) if s.experts else {}
+    blocks = [LayerWeights(f"{s.block_prefix}.{i}", "block", attn + mlp, norm + bias, **experts)
+              for i in range(s.layers)]
     final_norm = h * (2 if s.layernorm_bias else 1)
     embed_other = s.extra_embed_params + (final_norm if not s.decoder else 0)
     if s.tied_embeddings:
@@ -299,6 +352,13 @@ def _matmul_s(shape: ModelShape, layer: LayerWeights, fmt: str, target: Target, 
     for r, c in layer.matrices:
         moved = matrix_bytes(fmt, r, c) * ovh + rows * (r + c) * ACT_BYTES
         total += op_time_s(moved, 2.0 * rows * r * c, target, shape.compute_dtype)
+    if layer.experts:  # the routed experts: only those some token is routed to are read
+        e, k = layer.experts, layer.experts_per_token
+        touched = e * (1.0 - (1.0 - k / e) ** rows)
+        acts = rows * k * sum(r + c for r, c in layer.expert_matrices) * ACT_BYTES
+        moved = touched * layer.expert_bytes(fmt) * ovh + acts
+        macs = sum(r * c for r, c in layer.expert_matrices)
+        total += op_time_s(moved, 2.0 * rows * k * macs, target, shape.compute_dtype)
     return total + op_time_s(2 * layer.other_params + 4 * rows * shape.hidden * ACT_BYTES, 0, target)
 
 
@@ -361,17 +421,68 @@ def kv_transfer_time_s(shape: ModelShape, target: Target, batch: int, context: i
 
 
 # ---------------------------------------------------------------- activations and whole-model predictions
-def arena_bytes(shape: ModelShape, batch: int, seq: int, *, prefill_chunk: int = 2048) -> int:
+def arena_bytes(shape: ModelShape, batch: int, seq: int, *, prefill_chunk: int = 2048, logits: bool = True) -> int:
     """Activation arena of a chunked prefill (decoders: `prefill_chunk` tokens at a time, flash attention,
     logits for the last token only; encoders: the whole sequence at once). The peak of one block: the
-    residual, its normed copy and either q, k, v and the attention output or the MLP's intermediates."""
+    residual, its normed copy and either q, k, v and the attention output or the MLP's intermediates
+    (MoE: each token's `experts_per_token` experts, the shared expert and the router logits).
+    `logits=False`: a pipeline stage without the LM head."""
     s = shape
     rows = batch * (min(seq, prefill_chunk) if s.decoder else seq)
-    mlp = (3 if s.gated_mlp else 2) * s.intermediate
+    width = (3 if s.gated_mlp else 2)
+    mlp = width * s.intermediate if not s.experts else (
+        width * (s.experts_per_token * s.expert_intermediate + s.shared_expert_intermediate) + s.experts)
     attn = 2 * s.q_dim + 2 * s.kv_dim
     block = rows * (2 * s.hidden + max(mlp, attn)) * ACT_BYTES
-    out = batch * s.vocab * LOGIT_BYTES if s.decoder else rows * s.hidden * ACT_BYTES
+    out = (batch * s.vocab * LOGIT_BYTES if logits else 0) if s.decoder else rows * s.hidden * ACT_BYTES
     return block + out
+
+
+# ---------------------------------------------------------------- several devices
+def tensor_parallel_shape(shape: ModelShape, degree: int) -> ModelShape:
+    """What one device of a tensor-parallel group of `degree` devices holds and computes (Megatron-LM,
+    Shoeybi et al. 2019): q/k/v columns and o rows by heads, MLP (and every expert's) columns and rows,
+    the embedding and LM head by vocabulary rows; norms and the router replicated. KV heads must divide."""
+    if not isinstance(degree, int) or degree < 1:
+        raise ValueError(f"tensor-parallel degree must be a positive int, got {degree!r}")
+    if degree == 1:
+        return shape
+    if shape.kv_heads % degree:
+        raise ValueError(f"tensor-parallel degree {degree} does not divide {shape.name}'s {shape.kv_heads} KV heads; "
+                         f"use a divisor of {shape.kv_heads}")
+    part = lambda n: -(-n // degree)  # noqa: E731
+    return replace(shape, heads=shape.heads // degree, kv_heads=shape.kv_heads // degree,
+                   intermediate=part(shape.intermediate), expert_intermediate=part(shape.expert_intermediate),
+                   shared_expert_intermediate=part(shape.shared_expert_intermediate), vocab=part(shape.vocab))
+
+
+def send_time_s(nbytes: float, link: Link | None) -> float:
+    """One message of `nbytes` over `link` (None: the same device, free)."""
+    return 0.0 if link is None or nbytes <= 0 else link.latency_s + nbytes / link.bandwidth
+
+
+def allreduce_time_s(nbytes: float, degree: int, link: Link | None) -> float:
+    """Ring all-reduce of `nbytes` on each of `degree` devices: 2(d-1) steps, each moving nbytes/d."""
+    if degree <= 1 or nbytes <= 0:
+        return 0.0
+    if link is None:
+        raise ValueError(f"an all-reduce over {degree} devices needs a link between them")
+    return 2 * (degree - 1) * (link.latency_s + nbytes / degree / link.bandwidth)
+
+
+def allgather_time_s(nbytes_per_device: float, degree: int, link: Link | None) -> float:
+    """Ring all-gather: d-1 steps, each moving one device's `nbytes_per_device`."""
+    if degree <= 1 or nbytes_per_device <= 0:
+        return 0.0
+    if link is None:
+        raise ValueError(f"an all-gather over {degree} devices needs a link between them")
+    return (degree - 1) * (link.latency_s + nbytes_per_device / link.bandwidth)
+
+
+def tp_block_comm_s(shape: ModelShape, degree: int, link: Link | None, batch: int, tokens: int = 1) -> float:
+    """A tensor-parallel block's communication: one all-reduce of the hidden states after attention and one
+    after the MLP, (batch * tokens, hidden) 16-bit values each."""
+    return 2 * allreduce_time_s(batch * tokens * shape.hidden * ACT_BYTES, degree, link)
 
 
 class Choice(NamedTuple):
@@ -460,5 +571,6 @@ def predict(shape: ModelShape, layers: Sequence[LayerWeights], choices: Sequence
 __all__ = ["FORMATS", "KV_BITS", "DECODE_OVERHEAD", "KV_OVERHEAD", "ModelShape", "model_shape", "matrix_bytes",
            "bytes_per_param", "LayerWeights", "layer_weights", "KVPolicy", "kv_layer_bytes", "kv_bytes", "op_time_s",
            "weights_time_s", "stream_bytes", "transfer_time_s", "attention_time_s", "kv_decode_time_s",
-           "kv_transfer_time_s", "arena_bytes",
+           "kv_transfer_time_s", "arena_bytes", "tensor_parallel_shape", "send_time_s", "allreduce_time_s",
+           "allgather_time_s", "tp_block_comm_s",
            "Choice", "Prediction", "layer_decode_s", "prefill_s", "predict"]

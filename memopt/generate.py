@@ -7,8 +7,11 @@
 The prefill runs the eager `model` once over the prompt (full attention, as KIVI, SnapKV and kvpress
 do) and writes each layer's keys and values into `gm`'s cache as they are computed: compressed by the
 policy when `gm` went through `KVCompressionPass`, at their positions in an uncompressed static cache
-otherwise. Without `model` the prompt goes through the decode graph token by token (slower; SnapKV and
-ThinK then have no observation window and fall back to their decode-time rules). Decoding then calls
+otherwise. Without `model` the prompt goes through the decode graph: in one call when it takes several
+tokens (captured with `dynamic=True`: `memopt::kv_attend` attends the prompt exactly and writes the state
+from it as the prefill through `model` does; logits of the last position only, `memopt.runner.decode_program`),
+else token by token (slower; SnapKV and ThinK then have no observation window and fall back to their
+decode-time rules). Decoding then calls
 `gm(input_ids=(batch, 1), cache_position=[pos])` with the true position of each token: a compressed
 cache is shorter than the prefix, so the position cannot be inferred from it.
 """
@@ -19,6 +22,7 @@ import torch
 from torch import Tensor
 
 from memopt.kv.prefill import fill_compressed, record_attention
+from memopt.runner import decode_program, tokens_per_call
 
 
 def reset_cache(gm) -> None:
@@ -50,6 +54,10 @@ def prefill(gm, prompt_ids: Tensor, model=None) -> Tensor:
     _check_length(gm, prompt_ids.shape[1])
     reset_cache(gm)
     with torch.no_grad():
+        if model is None and tokens_per_call(gm) is None:  # the program takes the whole prompt in one call
+            program = decode_program(gm)
+            positions = torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
+            return program(input_ids=prompt_ids, cache_position=positions)[:, -1]
         if model is None:
             logits = None
             for t in range(prompt_ids.shape[1]):
@@ -62,7 +70,7 @@ def prefill(gm, prompt_ids: Tensor, model=None) -> Tensor:
 
 def decode_step(gm, token_ids: Tensor, position: int) -> Tensor:
     """One graph call: token_ids (batch, 1) at `position` -> next-token logits (batch, vocab)."""
-    out = gm(input_ids=token_ids, cache_position=torch.tensor([position], device=token_ids.device))
+    out = decode_program(gm)(input_ids=token_ids, cache_position=torch.tensor([position], device=token_ids.device))
     return out[:, -1]
 
 
@@ -80,9 +88,9 @@ def generate(gm, prompt_ids: Tensor, max_new_tokens: int, *, model=None, eos_tok
     if not 1 <= cached_tokens <= n_prompt:
         raise ValueError(f"cached_tokens must be in [1, {n_prompt}] (the prompt's length), got {cached_tokens}")
     _check_length(gm, n_prompt + max_new_tokens - 1)
-    logits = prefill(gm, prompt_ids[:, :cached_tokens], model)
     out, done = [], torch.zeros(prompt_ids.shape[0], dtype=torch.bool)
-    with torch.no_grad():
+    with torch.inference_mode():  # fewer checks per op; the caches (ordinary tensors) are updated in place as usual
+        logits = prefill(gm, prompt_ids[:, :cached_tokens], model)
         for t in range(cached_tokens, n_prompt):
             logits = decode_step(gm, prompt_ids[:, t : t + 1], t)
         for i in range(max_new_tokens):
@@ -94,7 +102,7 @@ def generate(gm, prompt_ids: Tensor, max_new_tokens: int, *, model=None, eos_tok
                     break
             if i + 1 < max_new_tokens:
                 logits = decode_step(gm, token, n_prompt + i)
-    return torch.cat(out, dim=1)
+    return torch.cat(out, dim=1)  # outside inference mode: an ordinary tensor
 
 
 def teacher_forced_logits(gm, ids: Tensor, prefill_tokens: int, *, model=None) -> Tensor:

@@ -29,6 +29,7 @@ class OptimizedModule(nn.Module):
     def forward(self, *args, **kwargs):
         if self.plan.arena is not None:
             self._check_shapes(args)
+        _prepare_kernels(self)
         with torch.no_grad():  # an inference artifact; out= ops refuse autograd
             return self.gm(*args, **kwargs)
 
@@ -48,6 +49,7 @@ class OptimizedModule(nn.Module):
         if self.generator is None:
             raise ValueError(f"{self.plan.model} was not compiled as a decoder LM; it has no generation program")
         input_ids = input_ids.to(_device_of(self.generator))
+        _prepare_kernels(self)
         eos = kwargs.pop("eos_token_id", getattr(self.tokenizer, "eos_token_id", None))
         if "memopt_kv" in self.generator.meta:  # a compressed cache: prefill and decode one token per call
             from memopt.generate import generate as generate_compressed
@@ -63,6 +65,15 @@ class OptimizedModule(nn.Module):
             raise ValueError(f"{self.plan.model} has no tokenizer; pass token ids to generate() instead")
         new = self.generate(chat_ids(self.tokenizer, prompt), max_new_tokens)
         return self.tokenizer.decode(new[0], skip_special_tokens=True)
+
+
+def _prepare_kernels(module: nn.Module) -> None:
+    """int4 weights into the CPU kernel's layout before a run, in place and outside any op (a no-op once done;
+    skipped while torch.compile traces: the compiled program reads whichever layout the weights hold)."""
+    if not torch.compiler.is_compiling():
+        from memopt.runtime.quant_ops import prepare_int4_kernel_layout_
+
+        prepare_int4_kernel_layout_(module)
 
 
 def _device_of(program: nn.Module) -> torch.device:

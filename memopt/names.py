@@ -22,6 +22,12 @@ def is_kv(name: str) -> bool:
     return bool(KV_NAME.search(name))
 
 
+def is_state(name: str) -> bool:
+    """`name` is state a program writes while it runs, never a weight: KV caches and their fill counters
+    (`cumulative_length_<i>`), host KV copies and offload staging slots."""
+    return is_kv(name) or name.startswith(("cumulative_length", SLOT_PREFIX, KV_HOST_PREFIX))
+
+
 def is_offload(name: str) -> bool:
     """`name` is a buffer of the offload passes (host copies and device staging slots)."""
     return OFFLOAD_PREFIX in name

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 from memopt.analysis import Analysis, analyze
-from memopt.capture import Captured, capture
+from memopt.capture import Captured, CaptureError, capture, export_again
 from memopt.checks import check_source, generation_cache_tokens
 from memopt.config import KNOWN_PASSES, CompileConfig, resolve_passes  # noqa: F401  (KNOWN_PASSES: re-exported)
 from memopt.module import OptimizedModule
@@ -66,10 +65,7 @@ def _recapture(gm: torch.fx.GraphModule, captured: Captured) -> Captured:
     """Export a rewritten GraphModule again, so the analysis sees its real tensors and new ops."""
     import memopt.runtime  # noqa: F401  (the custom ops' fake kernels)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ep = torch.export.export(gm, captured.example_inputs, captured.example_kwargs,
-                                 dynamic_shapes=captured.dynamic_shapes, strict=False)
+    ep = export_again(gm, captured.example_inputs, captured.example_kwargs, captured.dynamic_shapes)
     return Captured(ep, captured.phase, captured.source, captured.example_inputs, captured.example_kwargs,
                     captured.batch, captured.seq, captured.cache_len, captured.dynamic, captured.notes,
                     captured.dynamic_shapes)
@@ -140,9 +136,10 @@ def _check_budget_quantize(quantize: str | None) -> None:
 
 
 def _needs_calibration(spec: str | None) -> bool:
-    from memopt.passes.quantize import _KEEP_FORMATS, parse_quantize_spec
+    from memopt.passes.quant_config import parse_quantize_spec
+    from memopt.passes.weight_sites import KEEP_FORMATS
 
-    if spec in _KEEP_FORMATS or not spec:
+    if spec in KEEP_FORMATS or not spec:
         return False
     return bool(getattr(parse_quantize_spec(spec), "needs_calibration", False))
 
@@ -360,9 +357,14 @@ def _stage_capture(st: _State) -> None:
     if cfg.generation and src.family == "causal_lm":
         cache = generation_cache_tokens(src, max_cache=cfg.max_cache, seq=st.captured.seq, budget=cfg.budget)
         st.say(f"capturing the generation program (static KV cache of {cache} tokens)")
-        # a compressed cache is written one token at a time: its program takes one token per call
-        st.gen = capture(src, phase="decode", batch=cfg.batch, cache_len=cache,
-                         dynamic=not (cfg.kv or cfg.budget is not None))
+        # a prompt chunk or one token per call (memopt::kv_attend prefills a compressed cache from a prompt in
+        # one call); a budget plan's program takes one token per call
+        try:
+            st.gen = capture(src, phase="decode", batch=cfg.batch, cache_len=cache, dynamic=cfg.budget is None)
+        except CaptureError as exc:
+            if cfg.kv or cfg.offload_kv:  # asked for a KV rewrite: the generation program is the point
+                raise
+            st.notes.append(f"no generation program (the forward program is compiled without one): {exc}")
     st.plan = Plan(model=src.name, target=st.target.name, batch=st.captured.batch, seq=st.captured.seq,
                    passes=tuple(st.passes), inputs=_input_specs(src, st.captured.example_inputs))
 
@@ -445,8 +447,7 @@ def _stage_kv(st: _State) -> None:
 
 
 def _stage_arena(st: _State) -> None:
-    from memopt.passes.arena import ArenaConfig, ArenaPass
-    from memopt.solvers.arena import greedy_arena, solve_arena
+    from memopt.passes.arena import ArenaConfig, ArenaPass, plan_arena
 
     cfg = st.config
     if cfg.reorder:
@@ -454,15 +455,9 @@ def _stage_arena(st: _State) -> None:
         st.notes += rnote
         st.gm = st.captured.module()
     config = ArenaConfig(time_limit_s=cfg.time_limit_s, solver=cfg.arena_solver, outputs_in_arena=cfg.outputs_in_arena)
-    kinds = ("activation", "output") if cfg.outputs_in_arena else ("activation",)
     st.say(f"planning the arena ({len(st.analysis.storages)} storages, solver {cfg.arena_solver})")
     t0 = time.perf_counter()
-    graph = st.analysis.to_memgraph()
-    if config.solver == "greedy":
-        arena = greedy_arena(graph, kinds=kinds, alignment=config.alignment)
-    else:
-        arena = solve_arena(graph, kinds=kinds, alignment=config.alignment, time_limit_s=config.time_limit_s,
-                            solver=config.solver)
+    arena = plan_arena(st.analysis, config)  # the tensors the pass writes into it; in-place pairs share offsets
     st.say(f"arena {arena.size_bytes} bytes (lower bound {arena.lower_bound_bytes}) in "
            f"{time.perf_counter() - t0:.2f} s")
     st.plan = st.plan.with_(arena=arena, order=tuple(st.analysis.op_names))
@@ -560,7 +555,7 @@ def _source_for(model: Any, example_inputs: Sequence | None, config: CompileConf
     src = _as_source(model, example_inputs, config.dtype)
     notes = []
     if config.budget is not None and src.dtype == torch.float32 and config.dtype is None:
-        src = _to_bf16(src)
+        src = _to_bf16(src, copy=not (model is None or isinstance(model, str)))  # never cast the caller's model
         notes.append(f"{src.name}: cast from float32 to bfloat16, the 16-bit dtype the budget plan assumes")
     if src.on_meta:
         raise ValueError(f"{src.name} has no weights (built on the meta device); compile needs real weights — "
@@ -568,10 +563,10 @@ def _source_for(model: Any, example_inputs: Sequence | None, config: CompileConf
     return src, notes
 
 
-def _to_bf16(src: ModelSource) -> ModelSource:
-    import copy
+def _to_bf16(src: ModelSource, copy: bool = True) -> ModelSource:
+    import copy as copying
 
-    model = src.model if src.fixed_inputs is None else copy.deepcopy(src.model)
+    model = copying.deepcopy(src.model) if copy or src.fixed_inputs is not None else src.model
     model = model.to(torch.bfloat16)
     inputs = src.fixed_inputs
     if inputs is not None:

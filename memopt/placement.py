@@ -24,7 +24,12 @@ def to_device(module, device: str | torch.device):
     device = check_device(device)
     programs = getattr(module, "programs", None) or {}
     if "program" not in programs:
-        raise ValueError("to_device needs the module's exported programs (memopt.compile or memopt.load results have them)")
+        raise ValueError("to_device needs the module's exported programs (memopt.compile or memopt.load results "
+                         "have them)")
+    from memopt.runtime.quant_ops import canonicalize_int4_
+
+    for ep in programs.values():  # a CPU-kernel int4 layout means nothing on another device
+        canonicalize_int4_(_tensors(ep).values())
     location = {str(t.device): str(device) for ep in programs.values() for t in _tensors(ep).values()}
     location.pop("meta", None)
     moved: dict[int, torch.Tensor] = {}  # id(tensor before) -> on the device: shared weights move once

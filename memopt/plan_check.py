@@ -13,7 +13,7 @@ What is read from the graphs, never from the passes' records:
   - KV caches: per layer the `memopt::kv_attend` op's layouts (against the layouts the decision's policy
     string resolves to, and the generator's `meta["memopt_kv"]` that generation prefills with), a plain
     `key_cache_<i>` update (full, on device), or `memopt::kv_offload_wait` from `_memopt_offload_host_kv<i>`;
-  - the arena: every `slice(_memopt_arena) -> view(dtype) -> as_strided` view written by an `out=` op or a
+  - the arena: every `slice(_memopt_arena) -> view(dtype) -> arena_view` view written by an `out=` op or a
     `copy_` sits at its planned offset within its planned size, the operator order is `plan.order`, and no
     two planned tensors live at the same op share a byte (after ExecuTorch's memory-planning verifier).
 
@@ -33,6 +33,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import memopt.runtime  # noqa: F401  (registers the memopt:: ops this module reads)
 from memopt.names import HOST_PREFIX, LAYER_INDEX, SLOT_PREFIX
+from memopt.passes.arena import SCRATCH, arena_view
+from memopt.passes.arena_kernels import INPLACE_ARGS, batch_norm_out
 
 ARENA_ATTR = "_memopt_arena"
 KV_STATE = re.compile(r"^kv_cache_(\d+)_g\d+_")
@@ -310,6 +312,8 @@ def _expected_layouts(spec: str, layer: int, found: tuple, context: int | None) 
     heads, head_dim = sum(x.n_heads for x in found), found[0].head_dim
     try:
         want = policy.layer_layouts(layer, heads, head_dim, context or 1)
+        # the model's attention (sliding window, soft-capping), as KVCompressionPass read it from the graph
+        want = tuple(x.for_attention(found[0].sliding, found[0].softcap) for x in want)
     except ValueError as err:
         return f"kv_policy {spec!r} does not fit the cache ({err})"
     return tuple(replace(x, rope_inv_freq=(), **({} if context else {"blocks": 0})) for x in want)
@@ -370,9 +374,14 @@ def _layouts_text(found: tuple) -> str:
 
 
 # ---------------------------------------------------------------- arena and operator order
+# the arena pass's view chain: slice -> view(dtype) -> arena_view (as_strided before arena_view)
+_VIEWS = (arena_view, torch.ops.aten.as_strided.default, torch.ops.aten.view.dtype, torch.ops.aten.slice.Tensor)
+
+
 def _arena_span(node) -> tuple[int, int] | None:
-    """(start, end) bytes of an `as_strided(view(slice(_memopt_arena, 0, start, end), dtype))` view."""
-    if not (isinstance(node, fx.Node) and node.target is torch.ops.aten.as_strided.default):
+    """(start, end) bytes of an `arena_view(view(slice(_memopt_arena, 0, start, end), dtype))` view
+    (`as_strided` in programs from before `arena_view`)."""
+    if not (isinstance(node, fx.Node) and node.target in _VIEWS[:2]):
         return None
     typed = node.args[0]
     raw = typed.args[0] if typed.target is torch.ops.aten.view.dtype else None
@@ -387,8 +396,7 @@ def _arena_node(node: fx.Node) -> bool:
     if node.target is torch.ops.aten.copy_.default:
         return _arena_span(node.args[0]) is not None
     base = node
-    while base.op == "call_function" and base.target in (torch.ops.aten.as_strided.default,
-                                                         torch.ops.aten.view.dtype, torch.ops.aten.slice.Tensor):
+    while base.op == "call_function" and base.target in _VIEWS:
         base = base.args[0]
     return base is not node and base.op == "get_attr" and base.target == ARENA_ATTR
 
@@ -405,7 +413,7 @@ def _check_arena(plan, gm: fx.GraphModule) -> list[str]:
         span = _arena_span(node.kwargs.get("out"))
         # an out= op replaced the planned op: the arena pass keeps its name (a program it was re-applied to
         # after loading may not: then any planned name matches there)
-        names.append(node.meta.get("memopt_replaces") if span else node.name)
+        names.append(node.meta.get("memopt_replaces") if span else node.meta.get("memopt_replaces", node.name))
     order = list(plan.order) if plan.order is not None else None
     if order is None:
         problems.append("plan.order is missing: the forward program's operator order is not in the plan")
@@ -430,9 +438,12 @@ def _check_arena(plan, gm: fx.GraphModule) -> list[str]:
             src = node.args[1]
             name = f"{src.args[0].name}[{src.args[1]}]" if src.target is operator.getitem else src.name
             writes.setdefault(name, []).append((node, _arena_span(node.args[0])))
+        if _arena_span(node.kwargs.get("scratch")):  # an op's scratch, live while it runs
+            writes.setdefault(node.meta.get("memopt_replaces", node.name) + SCRATCH, []).append(
+                (node, _arena_span(node.kwargs["scratch"])))
     if not applied:  # the planned program: each planned tensor is a node (or one output of one)
         for name in arena.offsets:
-            node = by_name.get(name.partition("[")[0])
+            node = by_name.get(name.partition("[")[0].removesuffix(SCRATCH))
             if node is not None:
                 users = [u for u in node.users if u.target is operator.getitem and f"{node.name}[{u.args[1]}]" == name]
                 writes[name] = [(u, None) for u in users] if "[" in name else [(node, None)]
@@ -457,7 +468,10 @@ def _check_arena(plan, gm: fx.GraphModule) -> list[str]:
             if span[1] - span[0] > arena.sizes.get(name, 0):
                 problems.append(f"arena tensor {name}: plan size {arena.sizes.get(name, 0)} bytes, but the forward "
                                 f"program writes {span[1] - span[0]}")
-    return problems + _overlaps(arena, _lifetimes(gm, ops, writes))
+    inplace = frozenset(name for name, ws in writes.items() if any(_elementwise(node) for node, _ in ws))
+    lifetimes, pos = _lifetimes(gm, ops, writes), {n: i for i, n in enumerate(ops)}
+    lifetimes.update({name: (pos[ws[0][0]],) * 2 for name, ws in writes.items() if name.endswith(SCRATCH)})
+    return problems + _overlaps(arena, lifetimes, inplace)
 
 
 def _lifetimes(gm: fx.GraphModule, ops: list, writes: dict) -> dict[str, tuple[int, int]]:
@@ -500,7 +514,15 @@ def _aliases(user: fx.Node, node: fx.Node) -> bool:
     return True
 
 
-def _overlaps(arena, lifetimes: dict[str, tuple[int, int]]) -> list[str]:
+def _elementwise(node: fx.Node) -> bool:
+    """An op that may write its result over an input of the same bytes (the arena pass's in-place pairs)."""
+    packet = getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+    return packet in INPLACE_ARGS or node.target is batch_norm_out
+
+
+def _overlaps(arena, lifetimes: dict[str, tuple[int, int]], inplace: frozenset = frozenset()) -> list[str]:
+    """Planned tensors live at one op that share bytes; a tensor of `inplace` may take over exactly the bytes
+    of one whose last read is the op writing it (an elementwise op writing over its dying input)."""
     problems, live = [], []
     for name, (start, end) in lifetimes.items():
         off, size = arena.offsets.get(name), arena.sizes.get(name, 0)
@@ -514,7 +536,9 @@ def _overlaps(arena, lifetimes: dict[str, tuple[int, int]]) -> list[str]:
     active: list[tuple] = []
     for s, e, lo, hi, name in live:
         active = [x for x in active if x[1] >= s]
-        for _, _, lo2, hi2, name2 in active:
+        for _, e2, lo2, hi2, name2 in active:
+            if name in inplace and e2 == s and (lo2, hi2) == (lo, hi):
+                continue
             if lo < hi2 and lo2 < hi and len(problems) < _MAX_PER_KIND:
                 problems.append(f"arena tensors {name2} and {name} are live at the same op but share bytes: plan "
                                 f"[{lo2}, {hi2}) and [{lo}, {hi})")

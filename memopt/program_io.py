@@ -60,6 +60,21 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "int64": torch.int64, "bool": torch.bool}
 
 
+class Zeros:
+    """An all-zero tensor stored as its shape only (a KV cache): allocated when a program binds it, once."""
+
+    def __init__(self, shape: list[int], dtype: torch.dtype):
+        self.shape, self.dtype, self._tensor = torch.Size(shape), dtype, None
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def materialize(self) -> torch.Tensor:
+        if self._tensor is None:
+            self._tensor = torch.zeros(self.shape, dtype=self.dtype)
+        return self._tensor
+
+
 class ProgramError(ValueError):
     """A program file memopt refuses to read; the message says what is wrong."""
 
@@ -281,16 +296,22 @@ def _bind(gm, name: str, tensors: dict, where: str) -> tuple[dict, dict]:
         if t is None:
             raise ProgramError(f"weights.safetensors has no tensor {fqn!r} for {where}; recompile the model")
         _check_meta(t, values.get(arg.name), fqn, where)
+        if isinstance(t, Zeros):  # allocated only once its shape is known to be the graph's
+            t = t.materialize()
         table[fqn] = torch.nn.Parameter(t, requires_grad=False) if param else t
     return state_dict, constants
 
 
-def _check_meta(t: torch.Tensor, meta, fqn: str, where: str) -> None:
+def _check_meta(t: torch.Tensor | Zeros, meta, fqn: str, where: str) -> None:
     if meta is None:
+        if isinstance(t, Zeros):
+            raise ProgramError(f"{where} gives no shape for the zero buffer {fqn!r}; refusing to allocate it")
         return
     from torch._export.serde.serialize import _SERIALIZE_TO_TORCH_DTYPE
 
     sizes = [s.as_int if s.type == "as_int" else None for s in meta.sizes]
+    if isinstance(t, Zeros) and None in sizes:
+        raise ProgramError(f"{where} gives a symbolic shape for the zero buffer {fqn!r}; refusing to allocate it")
     dtype = _SERIALIZE_TO_TORCH_DTYPE.get(meta.dtype)
     if (dtype is not None and t.dtype != dtype) or len(sizes) != t.dim() or any(
             s is not None and s != d for s, d in zip(sizes, t.shape)):

@@ -26,8 +26,12 @@ from torch.utils import _pytree as pytree
 import memopt.runtime.quant_ops as qops
 from memopt.passes.calibrate import record_linear_inputs
 from memopt.passes.gptq import gptq_int4
-from memopt.passes.quant_config import Int4WeightConfig, Int8WeightConfig, parse_quantize_spec
-from memopt.passes.quantize import _getattr, weight_sites
+from memopt.passes.quant_config import (
+    Int4WeightConfig,
+    Int8WeightConfig,
+    parse_quantize_spec,
+)
+from memopt.passes.weight_sites import get_attr_path, weight_sites
 
 DEFAULT_FORMATS = ("int8", "int4:g32", "int4:g64", "int4:g128")
 MAX_SQNR_DB = 200.0  # exact reproduction is reported as this, so the JSON stays finite
@@ -105,12 +109,12 @@ def layer_sensitivity(gm, calibration_inputs: Sequence[Sequence], formats: Itera
     table: dict[str, dict[str, float]] = {}
     with torch.no_grad():
         for s in sites:
-            w = _getattr(gm, s.target).detach().float()
+            w = get_attr_path(gm, s.target).detach().float()
             lin = s.linears[0]
             st = stats[lin.name]
             bias_node = lin.args[2] if len(lin.args) > 2 else None
             has_bias = bias_node is not None and bias_node.op == "get_attr"
-            bias = _getattr(gm, bias_node.target).float() if has_bias else None
+            bias = get_attr_path(gm, bias_node.target).float() if has_bias else None
             x = st.sample
             entry = {}
             for f in formats:
@@ -120,7 +124,7 @@ def layer_sensitivity(gm, calibration_inputs: Sequence[Sequence], formats: Itera
                 if mode == "layer":
                     entry[f] = sqnr_db(torch.nn.functional.linear(x, w, bias), torch.nn.functional.linear(x, wq, bias))
                 else:
-                    swap = _SwapWeight(gm, s.target, wq.to(_getattr(gm, s.target).dtype))
+                    swap = _SwapWeight(gm, s.target, wq.to(get_attr_path(gm, s.target).dtype))
                     outs = [_float_outputs(swap.run(*a)) for a in flat]
                     entry[f] = sqnr_db(torch.cat(refs), torch.cat(outs))
             table[s.layer] = entry

@@ -196,11 +196,29 @@ def check_config_size(config, name: str) -> None:
                           f"{MAX_PARAMS:.0e}, beyond any real model; fix the model's config")
 
 
+def check_architecture(config, name: str) -> None:
+    """Refuse, in one line naming it, an architecture memopt does not compile: encoder-decoder models, multimodal
+    wrappers (their text model compiles) and models that take no token ids (vision, audio)."""
+    model_type = getattr(config, "model_type", None) or "unknown"
+    archs = ", ".join(getattr(config, "architectures", None) or []) or model_type
+    what = "memopt compiles decoder-only language models and text encoders (README: Supported model families)"
+    if getattr(config, "is_encoder_decoder", False):
+        raise SourceError(f"{name}: {archs} is an encoder-decoder model ({model_type}), which is not supported; {what}")
+    text = getattr(config, "text_config", None)
+    if text is not None and text is not config:
+        raise SourceError(f"{name}: {archs} is a multimodal model ({model_type}), which is not supported; {what} — "
+                          f"save its language model (model_type {getattr(text, 'model_type', '?')}) and compile that")
+    if not getattr(config, "vocab_size", None):
+        raise SourceError(f"{name}: {archs} ({model_type}) takes no token ids (its config has no vocab_size), which is "
+                          f"not supported; {what}; wrap other modules as path/to/file.py:factory")
+
+
 def build_on_meta(config, dtype: torch.dtype | None = None, name: str = "") -> tuple[nn.Module, str, torch.dtype]:
     """Instantiate a transformers config on the meta device: shapes and dtypes, no memory."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     check_config_size(config, name or getattr(config, "model_type", "model"))
+    check_architecture(config, name or getattr(config, "model_type", "model"))
     family = _family_of(config)
     dtype = _config_dtype(config, dtype)
     auto = AutoModelForCausalLM if family == "causal_lm" else AutoModel
@@ -296,6 +314,7 @@ def _from_hf_dir(path: Path, dtype: torch.dtype | None, load_weights: bool) -> M
         note = "config only: built on the meta device" if not has_weights else "built on the meta device for planning"
         return ModelSource(path.name, model, family, config, on_meta=True, notes=[f"{path.name}: {note}"])
     check_config_size(config, path.name)
+    check_architecture(config, path.name)
     family = _family_of(config)
     auto = AutoModelForCausalLM if family == "causal_lm" else AutoModel
     model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype or "auto").eval()
@@ -316,6 +335,13 @@ def _read_config(file: Path):
         return AutoConfig.from_pretrained(file.parent, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises ValueError, OSError, KeyError or its own validation errors
         detail = " ".join(str(e).split()) or type(e).__name__
+        if "does not recognize this architecture" in detail:
+            import transformers
+
+            model_type = json.loads(file.read_text(encoding="utf-8")).get("model_type")
+            raise SourceError(f"{file}: model_type {model_type!r} is an architecture transformers "
+                              f"{transformers.__version__} does not know, so memopt cannot build it; upgrade "
+                              "transformers, or see README 'Supported model families'") from None
         raise SourceError(f"{file} is not a config transformers can read: {detail}") from None
 
 

@@ -17,12 +17,20 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-
-import memopt.runtime.dfloat11 as df11
 from memopt.passes.base import Pass, PassResult
 from memopt.passes.quant_config import LosslessConfig
-from memopt.passes.quantize import (ReusedWeights, _delete_attr, _delete_weight, _getattr, _matches, _replace,
-                                    _set_buffer, weight_sites)
+from memopt.passes.weight_sites import (
+    ReusedWeights,
+    delete_attr,
+    delete_weight,
+    get_attr_path,
+    replace_node,
+    set_buffer,
+    site_matches,
+    weight_sites,
+)
+
+import memopt.runtime.dfloat11 as df11
 
 # buffer `<weight FQN>_<suffix>` -> the part of df11.encode_bf16's output it holds
 _PARTS = {"sm": "sign_mantissa", "stream": "stream", "offsets": "block_offsets", "codes": "code_lengths"}
@@ -47,8 +55,8 @@ class LosslessPass(Pass):
     def _selected(self, sites, plan) -> list:
         if self.use_plan and plan is not None and getattr(plan, "decisions", ()):
             wanted = {d.name for d in plan.decisions if d.weight_format == "lossless"}
-            return [s for s in sites if (s.layer in wanted or s.target in wanted) and not _matches(s, self.skip)]
-        return [s for s in sites if _matches(s, self.include) and not _matches(s, self.skip)]
+            return [s for s in sites if (s.layer in wanted or s.target in wanted) and not site_matches(s, self.skip)]
+        return [s for s in sites if site_matches(s, self.include) and not site_matches(s, self.skip)]
 
     def __call__(self, gm, plan=None) -> PassResult:
         sites, notes = weight_sites(gm)
@@ -56,7 +64,7 @@ class LosslessPass(Pass):
         record = gm.meta.setdefault("memopt_weights", {})
         reused = ReusedWeights(self.reuse)
         for s in self._selected(sites, plan):
-            w = _getattr(gm, s.target)
+            w = get_attr_path(gm, s.target)
             if w.dtype != torch.bfloat16 or w.dim() != 2:
                 notes.append(f"kept {s.layer}: weight is {tuple(w.shape)} {w.dtype}; lossless compresses 2-D bf16 "
                              "weights (cast the model to bf16 first)")
@@ -71,16 +79,16 @@ class LosslessPass(Pass):
                 parts = df11.encode_bf16(w.detach(), cfg.block_size, cfg.max_code_bits)
             nodes, anchor = [], s.attr
             for suffix, key in _PARTS.items():
-                anchor = _set_buffer(gm, f"{s.target}_{suffix}", parts[key].to(w.device), anchor)
+                anchor = set_buffer(gm, f"{s.target}_{suffix}", parts[key].to(w.device), anchor)
                 nodes.append(anchor)
             for lin in s.linears:
                 bias = lin.args[2] if len(lin.args) > 2 else None
-                _replace(gm, lin, torch.ops.memopt.linear_dfloat11.default, (lin.args[0], *nodes, cfg.block_size, bias))
+                replace_node(gm, lin, torch.ops.memopt.linear_dfloat11.default, (lin.args[0], *nodes, cfg.block_size, bias))
             for emb in s.embeddings:
-                _replace(gm, emb, torch.ops.memopt.embedding_dfloat11.default, (*nodes, cfg.block_size, emb.args[1]))
+                replace_node(gm, emb, torch.ops.memopt.embedding_dfloat11.default, (*nodes, cfg.block_size, emb.args[1]))
             record[s.layer] = {"weight": s.target, "format": "lossless", "fp_bytes": w.nbytes,
                                "bytes": df11.compressed_bytes(parts)}
-            _delete_weight(gm, s)
+            delete_weight(gm, s)
             done.append(s.layer)
         if done:
             gm.graph.lint()
@@ -103,7 +111,7 @@ def decompress_lossless(gm):
         parts = node.args[1:5] if is_linear else node.args[0:4]
         target = parts[0].target.removesuffix("_sm")
         if target not in decoded:
-            w = df11.decode_bf16(*(_getattr(gm, p.target) for p in parts), node.args[5 if is_linear else 4])
+            w = df11.decode_bf16(*(get_attr_path(gm, p.target) for p in parts), node.args[5 if is_linear else 4])
             owner_path, _, name = target.rpartition(".")
             (gm.get_submodule(owner_path) if owner_path else gm).register_parameter(
                 name, torch.nn.Parameter(w, requires_grad=False))
@@ -114,10 +122,10 @@ def decompress_lossless(gm):
                 decoded[target].meta["val"] = parts[0].meta["val"].to(torch.bfloat16)
         w_node = decoded[target]
         args = (node.args[0], w_node, node.args[6]) if is_linear else (w_node, node.args[5])
-        _replace(gm, node, torch.ops.aten.linear.default if is_linear else torch.ops.aten.embedding.default, args)
+        replace_node(gm, node, torch.ops.aten.linear.default if is_linear else torch.ops.aten.embedding.default, args)
         for p in parts:
             if not p.users:
-                _delete_attr(gm, p.target)
+                delete_attr(gm, p.target)
                 gm.graph.erase_node(p)
     for rec in gm.meta.get("memopt_weights", {}).values():
         if rec["format"] == "lossless" and rec["weight"] in decoded:

@@ -68,7 +68,8 @@ class Int4WeightConfig(_JsonConfig):
     processing, QuaRot's online rotation): outliers are spread over a block, at no stored byte. With GPTQ
     it gains ~+0.002 mean cosine on all-MiniLM-L6-v2 (benchmarks/results/quantize.md); with
     round-to-nearest alone it does not help. Outlier channels are then chosen among rotated channels.
-    `embeddings`: store embedding tables as int8 rows (there is no int4 embedding kernel).
+    `embeddings`: store embedding tables as int8 rows (there is no int4 embedding kernel). A table tied to an
+    LM head is stored as int8 rows either way: one copy for the gather and the head's matmul.
     """
 
     kind: ClassVar[str] = "int4"

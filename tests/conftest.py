@@ -8,6 +8,11 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# One intra-op thread unless OMP_NUM_THREADS says otherwise (set before torch is imported; subprocesses
+# inherit it). On a shared 2-core machine, a second thread's spin-waiting made tests 4-8x slower, even the
+# real-model ones (same machine, same load: tests/test_kv.py quick part 113 s -> 27 s; SmolLM2 eviction test
+# 109-156 s -> 20 s; MiniLM GPTQ sweep case 96-152 s -> 18 s).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch

@@ -105,7 +105,9 @@ def test_decode_capture_holds_the_static_cache(demo_source):
     assert all(t.shape[2] == 48 for t in a.storages if t.kind == "kv_cache")
 
 
-@pytest.mark.parametrize("preset", ["llama-3-8b", "llama-2-7b", "mistral-7b", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("preset", [pytest.param("llama-3-8b", marks=pytest.mark.slow),  # 3-6 s each
+                                    pytest.param("llama-2-7b", marks=pytest.mark.slow),
+                                    pytest.param("mistral-7b", marks=pytest.mark.slow), "qwen2.5-0.5b"])
 def test_preset_weights_match_config_arithmetic(preset):
     if preset == "qwen2.5-0.5b":  # qwen2 adds q/k/v biases
         c = preset_config(preset)

@@ -16,9 +16,12 @@ from memopt.pipeline import compile_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 CASES = [("demo", None), ("demo", "int8"), ("minilm", None), ("minilm", "int8")]
-ONNX_CASES = [("demo", None, 1e-4), ("demo", "int8", 1e-4), ("demo", "int4:g32", 2e-2),
-              pytest.param("demo", "int4:g32:gptq:had", 2e-2, marks=pytest.mark.slow),  # GPTQ: ~25 s
-              ("minilm", None, 1e-4)]
+# the quick loop checks ONNX on demo-int8, compiled anyway for test_generation_program_round_trip; each
+# other case costs its own compile and ONNX export (5-25 s)
+ONNX_CASES = [pytest.param("demo", None, 1e-4, marks=pytest.mark.slow), ("demo", "int8", 1e-4),
+              pytest.param("demo", "int4:g32", 2e-2, marks=pytest.mark.slow),
+              pytest.param("demo", "int4:g32:gptq:had", 2e-2, marks=pytest.mark.slow),
+              pytest.param("minilm", None, 1e-4, marks=pytest.mark.slow)]
 WITH_ONNX = {("demo", None), ("demo", "int8"), ("demo", "int4:g32"), ("demo", "int4:g32:gptq:had"), ("minilm", None)}
 
 
@@ -182,6 +185,7 @@ def test_python_api_one_call():
     assert isinstance(opt, torch.nn.Module) and opt.plan.target == "rtx-4090" and opt.plan.arena is not None
 
 
+@pytest.mark.slow  # a KIVI compile: 4-15 s; the quick loop has test_kv.py and test_generation_program_round_trip
 def test_compressed_kv_generation_round_trip(tmp_path):
     result = compile_model("demo", seq=16, quantize="int8", kv="kivi:k4v2:g32:r32", max_cache=256)
     assert result.plan.predictions["kv_cache_bytes"] < 2 * 4 * 2 * 32 * 256 * 4 * 0.25  # < 1/4 of the fp32 cache
@@ -196,6 +200,7 @@ def test_bad_kv_policy_fails_before_capture():
         compile_model("demo", seq=16, kv="kivi:k4v2:g32:r16")
 
 
+@pytest.mark.slow  # an int4 + offload compile: 6-19 s
 def test_to_device_keeps_outputs_shared_weights_and_host_buffers():
     """`memopt.placement.to_device` (here to the CPU it is already on: the moves are real calls, the
     results must not change) keeps one copy of each shared weight and leaves offloaded buffers on the host."""

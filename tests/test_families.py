@@ -1,11 +1,18 @@
-"""Model families beyond Llama, end to end from a Hugging Face directory: tiny random-init Mixtral,
-Qwen2-MoE (with a shared expert) and OLMoE (fused 3-D expert weights run by a grouped matmul), and GPT-2
-(`Conv1D` projections: `addmm` with a weight stored `[in, out]`).
+"""Model families end to end from a Hugging Face directory: a table of tiny random-init configs (one session
+fixture each, built once) x what memopt promises for them.
 
-Per family: `inspect` counts the state dict's bytes, the compiled module equals eager, its generation
-equals transformers' greedy `generate`, and int8 / int4:g32 rewrite every matmul weight (none silently
-skipped) with logits at cosine >= 0.97 of eager. Plus the analysis of multi-output ops and the quantize
-pass's notes and errors on small modules.
+Decoders: Llama, Mistral (sliding window 8), Qwen2, Qwen3, Phi-3, Gemma-2 (soft-capped eager attention, sliding
+layer 0), Gemma-3 text (sliding layer 0), GPT-2 (`Conv1D`: `addmm` with a weight stored `[in, out]`), GPT-NeoX,
+OPT (positions from the cache's length), Falcon (multi-query), Mixtral, Qwen2-MoE (shared expert), OLMoE (fused
+3-D experts run by a grouped matmul). Encoders: BERT, RoBERTa, DistilBERT.
+
+Per family: `inspect` counts the state dict's bytes; the compiled module equals eager; int8 / int4:g32 rewrite
+every matmul weight (none silently skipped) with outputs at cosine >= 0.97 of eager; decoders generate what
+transformers' greedy `generate` does, and so does a KIVI-compressed cache (`kivi:4:g16:r32`), sliding windows
+included. Plus: the sliding window and soft-capping in `memopt::kv_attend` against a reference, ALiBi and
+score-based eviction on sliding layers refused per layer, a generation program that cannot be captured is a
+note, unsupported architectures are one line, the analysis of multi-output ops, and the quantize pass's notes
+and errors on small modules.
 """
 
 from __future__ import annotations
@@ -15,88 +22,123 @@ import torch
 from safetensors.torch import load_file
 
 from memopt.analysis import analyze
-from memopt.capture import capture
+from memopt.capture import CaptureError, capture
 from memopt.inspect import inspect_model
+from memopt.kv import parse_kv_spec
+from memopt.kv.layout import Layout, layouts_to_str
+from memopt.passes.kv import KVCompressionPass
 from memopt.passes.quant_config import Int4WeightConfig, Int8WeightConfig
 from memopt.passes.quantize import QuantizePass, weight_sites
 from memopt.pipeline import compile_model
-from memopt.sources import ModelSource
+from memopt.runtime import kv_ops
+from memopt.sources import ModelSource, SourceError, resolve_source
 
 transformers = pytest.importorskip("transformers")
 
+WINDOW = 8  # Mistral's and Gemma's sliding window: shorter than prompt + generated tokens
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
-CONFIGS = {
+SLIDING_FIRST = dict(head_dim=16, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])
+DECODERS = {
+    "llama": lambda: transformers.LlamaConfig(**TINY),
+    "mistral": lambda: transformers.MistralConfig(**TINY, sliding_window=WINDOW),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY),
+    "qwen3": lambda: transformers.Qwen3Config(**TINY, head_dim=16),
+    "phi3": lambda: transformers.Phi3Config(**TINY, pad_token_id=0),
+    "gemma2": lambda: transformers.Gemma2Config(**TINY, **SLIDING_FIRST),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**TINY, **SLIDING_FIRST),
+    "gpt2": lambda: transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                            bos_token_id=0, eos_token_id=0),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                                   num_hidden_layers=2, num_attention_heads=4,
+                                                   max_position_embeddings=128),
+    "opt": lambda: transformers.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64),
+    "falcon": lambda: transformers.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                                num_attention_heads=4, max_position_embeddings=128),
     "mixtral": lambda: transformers.MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": lambda: transformers.Qwen2MoeConfig(**TINY, num_experts=4, num_experts_per_tok=2,
                                                      moe_intermediate_size=64, shared_expert_intermediate_size=128),
-    "olmoe": lambda: transformers.OlmoeConfig(**TINY, num_experts=4, num_experts_per_tok=2),
-    "gpt2": lambda: transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                            bos_token_id=0, eos_token_id=0),
+    "olmoe": lambda: transformers.OlmoeConfig(**TINY, num_experts=4, num_experts_per_tok=2, eos_token_id=0),
 }
-FAMILIES = list(CONFIGS)
-SEQ, CACHE, NEW_TOKENS = 16, 64, 10
+ENCODERS = {
+    "bert": lambda: transformers.BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=128, max_position_embeddings=128),
+    "roberta": lambda: transformers.RobertaConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=128,
+                                                  max_position_embeddings=130, pad_token_id=1),
+    "distilbert": lambda: transformers.DistilBertConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                                        max_position_embeddings=128),
+}
+CONFIGS = {**DECODERS, **ENCODERS}
+FAST = ("llama", "mistral", "gpt2", "bert")  # the quick loop's share of the table; the rest is marked slow
+SEQ, CACHE, PROMPT, NEW_TOKENS = 16, 64, 8, 12
+KV_SPEC = "kivi:4:g16:r32"  # prompt + new tokens stay in the residual: compressed, yet token-exact
+
+
+def _table(names, quick=FAST) -> list:
+    return [pytest.param(n, marks=() if n in quick else pytest.mark.slow) for n in names]
 
 
 def _hf_dir(tmp_path_factory, family: str):
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[family]()).eval()
+    auto = transformers.AutoModelForCausalLM if family in DECODERS else transformers.AutoModel
+    model = auto.from_config(CONFIGS[family]()).eval()
     path = tmp_path_factory.mktemp(family)
     model.save_pretrained(path)
     return path
 
 
-@pytest.fixture(scope="session")
-def mixtral_dir(tmp_path_factory):
-    return _hf_dir(tmp_path_factory, "mixtral")
+def _dir_fixture(family: str):
+    @pytest.fixture(scope="session", name=f"{family}_dir")
+    def build(tmp_path_factory):
+        return _hf_dir(tmp_path_factory, family)
+    return build
 
 
-@pytest.fixture(scope="session")
-def qwen2_moe_dir(tmp_path_factory):
-    return _hf_dir(tmp_path_factory, "qwen2_moe")
-
-
-@pytest.fixture(scope="session")
-def olmoe_dir(tmp_path_factory):
-    return _hf_dir(tmp_path_factory, "olmoe")
-
-
-@pytest.fixture(scope="session")
-def gpt2_dir(tmp_path_factory):
-    return _hf_dir(tmp_path_factory, "gpt2")
+for _family in CONFIGS:  # one session fixture per family: `llama_dir`, `mistral_dir`, ...
+    globals()[f"{_family}_dir"] = _dir_fixture(_family)
 
 
 @pytest.fixture(scope="session")
 def family(request):
-    """family name -> (HF directory, eager transformers model, compile(quantize) memoized)."""
+    """family name -> (HF directory, eager transformers model, compile(quantize=, kv=) memoized)."""
     cache: dict = {}
 
     def get(name: str):
         if name not in cache:
             path = request.getfixturevalue(f"{name}_dir")
-            eager = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+            auto = transformers.AutoModelForCausalLM if name in DECODERS else transformers.AutoModel
+            eager = auto.from_pretrained(path).eval()
             compiled: dict = {}
 
-            def compile_(quantize=None):
-                if quantize not in compiled:
-                    compiled[quantize] = compile_model(str(path), seq=SEQ, max_cache=CACHE, quantize=quantize)
-                return compiled[quantize]
+            def compile_(quantize=None, kv=None):
+                if (quantize, kv) not in compiled:
+                    compiled[quantize, kv] = compile_model(str(path), seq=SEQ, max_cache=CACHE, quantize=quantize,
+                                                           kv=kv)
+                return compiled[quantize, kv]
             cache[name] = (path, eager, compile_)
         return cache[name]
     return get
 
 
 def _ids(n: int = SEQ) -> torch.Tensor:
-    return torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(1))
+    return torch.randint(3, 256, (1, n), generator=torch.Generator().manual_seed(1))
 
 
-def _logits(out) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
-
-
-def _eager_logits(eager, ids) -> torch.Tensor:
+def _run(name: str, module, ids: torch.Tensor) -> torch.Tensor:
+    """Decoders: logits (batch, seq, vocab); encoders: the last hidden state (batch, seq, hidden)."""
     with torch.no_grad():
-        return eager(ids).logits
+        out = module(ids) if name in DECODERS else module(ids, torch.ones_like(ids))
+    if name in DECODERS:
+        return out[0] if isinstance(out, (tuple, list)) else getattr(out, "logits", out)
+    return getattr(out, "last_hidden_state", out)
+
+
+def _greedy(eager, prompt: torch.Tensor, n: int = NEW_TOKENS) -> list:
+    with torch.no_grad():
+        out = eager.generate(prompt, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return out[:, prompt.shape[1]:].tolist()
 
 
 def matmul_weights(model: torch.nn.Module) -> set[str]:
@@ -107,8 +149,16 @@ def matmul_weights(model: torch.nn.Module) -> set[str]:
             if p.dim() >= 2 and p.is_floating_point() and n not in tables}
 
 
+def _tied_head(model: torch.nn.Module) -> set[str]:
+    """The output head's weight when it is the input embedding table itself (tied)."""
+    head, table = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or head.weight is not table.weight:
+        return set()
+    return {f"model.{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is head}
+
+
 # ---------------------------------------------------------------- per family
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", _table(CONFIGS, quick=FAST + ("opt", "falcon", "gemma2")))
 def test_inspect_counts_the_state_dict(family, name):
     path, _, _ = family(name)
     state = load_file(str(path / "model.safetensors"))
@@ -116,22 +166,42 @@ def test_inspect_counts_the_state_dict(family, name):
     assert report.to_json()["weights_bytes"] == sum(t.numel() * t.element_size() for t in state.values())
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", _table(DECODERS))
 def test_compiled_equals_eager_and_generates_like_transformers(family, name):
     _, eager, compile_ = family(name)
     result = compile_()
     ids = _ids()
-    torch.testing.assert_close(_logits(result.module(ids)), _eager_logits(eager, ids), rtol=1e-4, atol=1e-5)
-    prompt = ids[:, :8]
-    with torch.no_grad():
-        want = eager.generate(prompt, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
-                              pad_token_id=0)[:, prompt.shape[1]:]
+    torch.testing.assert_close(_run(name, result.module, ids), _run(name, eager, ids), rtol=1e-4, atol=1e-5)
+    prompt = ids[:, :PROMPT]
     got = result.module.generate(prompt, NEW_TOKENS, eos_token_id=None)
-    assert got.tolist() == want.tolist()
+    assert got.tolist() == _greedy(eager, prompt)
+
+
+@pytest.mark.parametrize("name", _table(ENCODERS))
+def test_compiled_encoder_equals_eager(family, name):
+    _, eager, compile_ = family(name)
+    ids = _ids()
+    torch.testing.assert_close(_run(name, compile_().module, ids), _run(name, eager, ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", _table(DECODERS, quick=("mistral",)))
+def test_compressed_kv_generates_like_transformers(family, name):
+    """`kivi:4:g16:r32` compiles for every decoder and, while the tokens fit its full-precision residual,
+    generates transformers' greedy tokens: from a prompt longer than Mistral's and Gemma's sliding windows and
+    past them (the window is kept)."""
+    _, eager, compile_ = family(name)
+    result = compile_(kv=KV_SPEC)
+    assert "memopt_kv" in result.module.generator.meta
+    prompt = _ids()[:, :PROMPT + 4]
+    assert result.module.generate(prompt, NEW_TOKENS, eos_token_id=None).tolist() == _greedy(eager, prompt)
+    sliding = {layer for layer, entry in result.module.generator.meta["memopt_kv"]["layers"].items()
+               if '"sliding":8' in entry["layouts"]}
+    want = {"mistral": {0, 1}, "gemma2": {0}, "gemma3": {0}}.get(name, set())
+    assert {int(x) for x in sliding} == want, result.notes
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("fmt", ["int8", "int4:g32"])
 def test_quantize_rewrites_every_matmul_weight(family, name, fmt):
     _, eager, compile_ = family(name)
@@ -139,7 +209,7 @@ def test_quantize_rewrites_every_matmul_weight(family, name, fmt):
     decisions = {d.name: d for d in result.plan.decisions}
     fp_bytes = {f"model.{n}": p.numel() * p.element_size() for n, p in eager.named_parameters(remove_duplicate=False)}
     wanted = matmul_weights(eager)
-    tied_head = {w for w in wanted if w.endswith("lm_head.weight")} if name == "gpt2" and fmt != "int8" else set()
+    tied_head = _tied_head(eager) & wanted if fmt != "int8" else set()
     for w in wanted - tied_head:
         d = decisions.get(w.removesuffix(".weight"))  # a linear is named by its module, fused experts by the weight
         assert d is not None, f"{w} was not quantized; notes: {result.notes}"
@@ -149,9 +219,119 @@ def test_quantize_rewrites_every_matmul_weight(family, name, fmt):
     params = {n for n, _ in result.module.gm.named_parameters()}
     assert not params & (wanted - tied_head), "quantized weights must not stay resident in float"
     ids = _ids()
-    got, want = _logits(result.module(ids)), _eager_logits(eager, ids)
+    got, want = _run(name, result.module, ids), _run(name, eager, ids)
     cos = torch.nn.functional.cosine_similarity(got.flatten().double(), want.flatten().double(), dim=0).item()
     assert cos >= 0.97, f"cosine {cos} too low"
+
+
+# ---------------------------------------------------------------- what kv_attend keeps of the model's attention
+def _reference(q, keys, values, scale, window, softcap):
+    """Plain attention of q (batch, q_heads, 1, d) over keys/values (batch, kv_heads, n + 1, d) at position n."""
+    n_rep, n = q.shape[1] // keys.shape[1], keys.shape[2] - 1
+    k, v = keys.repeat_interleave(n_rep, 1), values.repeat_interleave(n_rep, 1)
+    logits = q @ k.transpose(-1, -2) * scale
+    if softcap:
+        logits = (logits / softcap).tanh() * softcap
+    if window:
+        logits[..., : max(0, n - window + 1)] = float("-inf")
+    return logits.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("layout, window, softcap", [
+    (Layout(heads=(0, 1), head_dim=16, blocks=64, dtype="float32"), 8, 0.0),  # full cache: a ring of window - 1
+    (Layout(heads=(0, 1), head_dim=16, sinks=2, residual=8, group=4, blocks=64, dtype="float32"), 13, 0.0),
+    (Layout(heads=(0, 1), head_dim=16, sinks=2, residual=8, group=4, blocks=64, dtype="float32"), 0, 5.0),
+    (Layout(heads=(0, 1), head_dim=16, residual=4, group=4, blocks=64, dtype="float32"), 10, 3.0),
+])
+def test_kv_attend_keeps_the_sliding_window_and_soft_cap(layout, window, softcap):
+    torch.manual_seed(0)
+    layout = layout.for_attention(window, softcap)
+    if window:
+        assert layout.bounded and layout.capacity < 2 * window, layout  # the store holds the window, not the context
+    state = list(layout.allocate(1).values())
+    keys, values = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    for n in range(40):
+        q = torch.randn(1, 4, 1, 16)
+        got = kv_ops.kv_attend(q, keys[:, :, n : n + 1], values[:, :, n : n + 1], state, torch.tensor([n]),
+                               layouts_to_str((layout,)), 0.25)
+        want = _reference(q, keys[:, :, : n + 1], values[:, :, : n + 1], 0.25, window, softcap)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"position {n}")
+
+
+def test_compressed_prefill_through_the_eager_model_keeps_window_and_soft_cap(family):
+    """`memopt.generate.generate(..., model=)` prefills through the eager model's own attention (Gemma-2's
+    soft-capped eager function, its sliding-window mask) over a prompt longer than the window."""
+    from memopt.generate import generate
+
+    _, eager, compile_ = family("gemma2")
+    gm = compile_(kv=KV_SPEC).module.generator
+    prompt = _ids()[:, :PROMPT + 4]
+    assert generate(gm, prompt, NEW_TOKENS, model=eager).tolist() == _greedy(eager, prompt)
+
+
+def _decode_graph(family, name: str):
+    path, _, _ = family(name)
+    return capture(resolve_source(str(path)), phase="decode", cache_len=32).module()
+
+
+def test_alibi_attention_is_refused_in_one_line(tmp_path):
+    torch.manual_seed(0)
+    transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4)) \
+        .save_pretrained(tmp_path)
+    gm = capture(resolve_source(str(tmp_path)), phase="decode", cache_len=32).module()
+    with pytest.raises(ValueError, match=r"^layer 0: .*ALiBi.*compile this model without --kv$") as info:
+        KVCompressionPass(parse_kv_spec("kivi:4:g16:r16"))(gm, None)
+    assert "\n" not in str(info.value)
+
+
+def test_score_based_eviction_on_a_sliding_layer_is_refused_in_one_line(family):
+    with pytest.raises(ValueError, match=r"^layer 0: sliding-window attention \(8 tokens\): .*H2O") as info:
+        KVCompressionPass(parse_kv_spec("h2o:64"))(_decode_graph(family, "mistral"), None)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- what cannot be compiled says so
+def test_a_generation_program_that_cannot_be_captured_is_a_note(family, monkeypatch):
+    import memopt.pipeline
+
+    path, eager, _ = family("llama")
+
+    def no_decode(src, *, phase=None, **kwargs):
+        if phase == "decode":
+            raise CaptureError("torch.export failed for llama: stub")
+        return capture(src, phase=phase, **kwargs)
+    monkeypatch.setattr(memopt.pipeline, "capture", no_decode)
+    result = compile_model(str(path), seq=SEQ, max_cache=CACHE, passes=())
+    assert result.module.generator is None
+    assert any("no generation program" in n and "stub" in n for n in result.notes), result.notes
+    ids = _ids()
+    torch.testing.assert_close(_run("llama", result.module, ids), _run("llama", eager, ids), rtol=1e-4, atol=1e-5)
+    with pytest.raises(CaptureError, match="stub"):  # --kv rewrites the generation program: its failure is the error
+        compile_model(str(path), seq=SEQ, max_cache=CACHE, passes=(), kv=KV_SPEC)
+
+
+UNSUPPORTED = [
+    (lambda: transformers.T5Config(vocab_size=256, d_model=64, num_layers=2),
+     r"T5ForConditionalGeneration is an encoder-decoder model \(t5\), which is not supported"),
+    (lambda: transformers.ViTConfig(hidden_size=64, num_hidden_layers=2), r"\(vit\) takes no token ids"),
+    (lambda: transformers.Gemma3Config(), r"is a multimodal model \(gemma3\).*model_type gemma3_text"),
+]
+
+
+@pytest.mark.parametrize("make, message", UNSUPPORTED)
+def test_an_unsupported_architecture_is_one_line(tmp_path, make, message):
+    config = make()
+    config.architectures = config.architectures or ({"t5": ["T5ForConditionalGeneration"]}).get(config.model_type)
+    config.save_pretrained(tmp_path)  # config only: refused before anything is built
+    with pytest.raises(SourceError, match=message) as info:
+        resolve_source(str(tmp_path))
+    assert "\n" not in str(info.value)
+
+
+def test_an_unknown_model_type_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "florbnet", "hidden_size": 64}')
+    with pytest.raises(SourceError, match=r"model_type 'florbnet' is an architecture transformers .* does not know"):
+        resolve_source(str(tmp_path))
 
 
 # ---------------------------------------------------------------- the analysis of multi-output ops

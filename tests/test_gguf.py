@@ -190,6 +190,7 @@ def test_missing_smollm2_says_how_to_install(monkeypatch):
 # --- the real file ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # gguf.GGUFReader walks the whole 100 MB file: 3-6 s
 @needs_smollm2
 def test_smollm2_header_is_fast_and_exact():
     path = smollm2_path()

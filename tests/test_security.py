@@ -222,7 +222,7 @@ def test_kv_cache_zeros_are_not_stored(good):
     from safetensors import safe_open
 
     with safe_open(str(good[0] / "weights.safetensors"), "pt") as f:
-        zeros = json.loads(f.metadata()["memopt_zeros"])
+        zeros = json.loads(f.metadata()["memopt"])["zeros"]
         stored = set(f.keys())
     assert any("cache" in n for n in zeros) and not any(n in stored for n in zeros)
 
@@ -268,7 +268,22 @@ MALFORMED = [  # (what to break, the one-line message fragment)
     ("plan not JSON", lambda d: (d / "plan.json").write_text("{nope") or _rehash(d), "plan.json"),
     ("manifest not JSON", lambda d: (d / "manifest.json").write_text("{nope"), "is corrupt"),
     ("decisions malformed", lambda d: _plan(d, lambda p: p.update(decisions=[{"bogus": 1}])), "malformed"),
+    ("huge zero buffer", lambda d: _huge_zeros(d), "do not belong together"),
 ]
+
+
+def _huge_zeros(d: Path) -> None:
+    """A KV cache declared as 2**50 zeros: refused by its shape, never allocated."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(d / "weights.safetensors"), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    extra = json.loads(meta["memopt"])
+    name = next(n for n in extra["zeros"] if "key_cache" in n)
+    extra["zeros"][name]["shape"] = [1 << 20, 1 << 20, 1 << 10]
+    save_file(tensors, str(d / "weights.safetensors"), metadata={"memopt": json.dumps(extra)})
+    _rehash(d)
 
 
 def _manifest(d: Path, edit) -> None:

@@ -19,13 +19,18 @@ block. When the store is full a block is evicted: the oldest (`evict="fifo"`, St
 the lowest-scored (`evict="score"`, H2O), or the flushed block itself if it scores lower still. With
 `residual=0` (full-precision store, `group=1`) tokens go straight to the store. Placement depends only on
 the number of tokens seen, so the decode step needs no bookkeeping besides the scores.
+
+Two fields come from the model's attention, not the policy (`for_attention`): `sliding`, a sliding window
+(Mistral, Gemma): a step attends only to the last `sliding` positions (`attended_positions` says where each
+kept token sits), and the store is a FIFO ring of just the blocks the window reaches; `softcap`, Gemma-2's
+`cap * tanh(logits / cap)`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -59,9 +64,14 @@ class Layout:
     pre_rope: bool = False  # quantized keys stored before RoPE (KVQuant); needs rope_inv_freq at run time
     rope_inv_freq: tuple[float, ...] = ()  # the model's RoPE inv_freq (head_dim / 2), filled by KVCompressionPass
     hadamard: bool = False  # quantized keys / values stored Hadamard-rotated (QuaRot)
+    sliding: int = 0  # the model's sliding window: a step attends to the last `sliding` positions (0: all kept)
+    softcap: float = 0.0  # the model's logit soft-capping, cap * tanh(logits / cap) (Gemma-2); 0: none
 
     def __post_init__(self):
         object.__setattr__(self, "rope_inv_freq", tuple(self.rope_inv_freq))
+        if self.sliding and self.evict != "fifo":
+            raise ValueError("a sliding window needs each cached token's position, which "
+                             "score-based eviction (H2O / SnapKV) does not keep; use kivi, streaming or full")
         if self.pre_rope and self.evict != "fifo":
             raise ValueError("pre-RoPE keys need the positions of the stored blocks, which score-based eviction "
                              "reorders; use pre_rope=False with H2O / SnapKV")
@@ -100,6 +110,32 @@ class Layout:
         if self.residual == 0:
             return m
         return max(0, -(-(m - self.residual) // self.group))
+
+    def for_attention(self, window: int = 0, softcap: float = 0.0) -> Layout:
+        """This storage for a layer whose attention has a sliding `window` (0: none) and logit `softcap`: the
+        store keeps only the blocks the window can still reach (a FIFO ring), so it never fills."""
+        if not window:
+            return replace(self, softcap=float(softcap))
+        # before a step, the ring holds >= residual - group + 1 tokens; the store covers the rest of window - 1
+        ring = self.residual - self.group + 1 if self.residual else 0
+        blocks = min(self.blocks, -(-max(0, window - 1 - ring) // self.group))
+        return replace(self, sliding=int(window), softcap=float(softcap), blocks=blocks, bounded=True)
+
+    def attended_positions(self, n: int, device=None) -> torch.Tensor:
+        """The position of each token a decode step at position `n` attends to, (kept tokens + 1,) int64, in
+        `kv_attend`'s order: sinks, store slots 0.. (a FIFO ring of `group`-token blocks), the residual ring
+        oldest first, the new token."""
+        ns, f = min(n, self.sinks), self.flushed(n)
+        parts = [torch.arange(ns, device=device)]
+        nb = min(f, self.blocks)
+        if nb:
+            slots = torch.arange(nb, device=device)
+            blocks = slots + self.blocks * torch.div(f - 1 - slots, self.blocks, rounding_mode="floor")
+            parts.append((self.sinks + blocks[:, None] * self.group + torch.arange(self.group, device=device)).flatten())
+        m = max(0, n - self.sinks)
+        parts.append(self.sinks + torch.arange(self.group * f if self.residual else m, m, device=device))
+        parts.append(torch.tensor([n], device=device))
+        return torch.cat(parts)
 
     def buffers(self, batch: int) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         """(name, shape, dtype) of every tensor this layout stores, in the op's argument order."""

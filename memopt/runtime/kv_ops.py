@@ -1,25 +1,39 @@
 """Runtime op for compressed KV caches: `memopt::kv_attend`, one call per layer of a decode step.
 
     kv_attend(q, k, v, state, pos, layouts, scale) -> out
-      q      (batch, q_heads, 1, head_dim)   the step's query, after RoPE
-      k, v   (batch, kv_heads, 1, head_dim)  the step's key (after RoPE) and value
+      q      (batch, q_heads, T, head_dim)   the step's queries, after RoPE (T = 1 when decoding)
+      k, v   (batch, kv_heads, T, head_dim)  the step's keys (after RoPE) and values
       state  the layer's cache tensors, group by group in `Layout.buffers` order; updated in place
-      pos    (1,) int64                      the token's position (tokens 0..pos-1 are cached)
+      pos    (T,) int64                      the tokens' positions (tokens 0..pos[0]-1 are cached)
       layouts  the JSON of the layer's `Layout`s (`memopt.kv.layout.layouts_to_str`)
-      out    (batch, q_heads, 1, head_dim)   attention over the kept tokens and the new one
+      out    (batch, q_heads, T, head_dim)   attention over the kept tokens and the new ones
+
+T > 1 at position 0 is a prompt: attended exactly and written into the state as a prefill through the
+eager model writes it (`attend_chunk`), so a generation program captured for several tokens per call
+prefills in one call; T > 1 later runs the decode step token by token.
 
 Per group of KV heads: attend over sinks + store (dequantized) + residual ring + the new token, update
 the eviction scores with this step's attention (H2O), then insert the new token (flushing the oldest
-residual group into the store and evicting a block when full). `fill_layer` writes the state from a
-prefill's full-precision keys and values. A store with `pre_rope` un-rotates a block's keys at its
-positions before quantizing and re-rotates them when read; with `hadamard` it rotates keys and values by
-a Hadamard matrix before quantizing and back when read. Registered with `torch.library` (a fake kernel included), so a
-graph calling it still exports.
+residual group into the store and evicting a block when full). Layouts without scores, ThinK channels,
+pre-RoPE keys or a sliding window take `attend_fast`: the same result in a few whole-tensor ops.
+`fill_layer` writes the state from a prefill's full-precision keys and values. A store with `pre_rope`
+un-rotates a block's keys at its positions before quantizing and re-rotates them when read; with
+`hadamard` it rotates keys and values by a Hadamard matrix before quantizing and back when read.
+Registered with `torch.library` (a fake kernel included), so a graph calling it still exports.
+
+`memopt::cache_attend` is the uncompressed (static) cache's attention as generation runs it
+(`memopt.runner.decode_program`): over the slots written so far, grouped-query heads read in place.
 """
 
 from __future__ import annotations
 
+import math
+import sys
+import threading
+from typing import Optional
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from memopt.kv import kivi
@@ -31,8 +45,27 @@ STORE_KEY_NAMES = ("store_k", "store_kq", "store_kscale", "store_kzero")
 
 @torch.library.custom_op("memopt::kv_attend", mutates_args=("state",))
 def kv_attend(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], pos: Tensor, layouts: str, scale: float) -> Tensor:
+    return attend(q, k, v, state, pos, layouts, scale)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], pos: Tensor, layouts: str, scale: float) -> Tensor:
+    """`memopt::kv_attend` as a plain function, which `memopt.runner.decode_program` calls without the
+    dispatcher's Python layers (~90 us a call with a layer's list of state tensors)."""
     n = int(pos.reshape(-1)[0])
     groups = split_state(layouts, state)
+    if q.shape[2] > 1:
+        return attend_chunk(groups, q, k, v, n, scale)
+    return attend_step(groups, q, k, v, n, scale)
+
+
+@kv_attend.register_fake
+def _(q, k, v, state, pos, layouts, scale):
+    return q.new_empty(q.shape)  # contiguous, whatever q's strides, as the kernel's reshape returns
+
+
+def attend_step(groups: list[tuple[Layout, dict[str, Tensor]]], q: Tensor, k: Tensor, v: Tensor, n: int,
+                scale: float) -> Tensor:
+    """One token at position `n` (shapes as the op's): attend group by group, then insert it."""
     n_rep = q.shape[1] // k.shape[1]
     b, d = q.shape[0], q.shape[-1]
     qg = q.reshape(b, k.shape[1], n_rep, d)
@@ -46,9 +79,42 @@ def kv_attend(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], pos: Tensor,
     return out.reshape(q.shape).to(q.dtype)
 
 
-@kv_attend.register_fake
-def _(q, k, v, state, pos, layouts, scale):
-    return torch.empty_like(q)
+@torch.library.custom_op("memopt::cache_attend", mutates_args=())
+def cache_attend(q: Tensor, key_cache: Tensor, value_cache: Tensor, attn_mask: Optional[Tensor], positions: Tensor,
+                 scale: Optional[float] = None) -> Tensor:
+    return attend_cache(q, key_cache, value_cache, attn_mask, positions, scale)
+
+
+def attend_cache(q: Tensor, key_cache: Tensor, value_cache: Tensor, attn_mask: Tensor | None, positions: Tensor,
+                 scale: float | None = None) -> Tensor:
+    """`memopt::cache_attend`, as a plain function too (see `attend`).
+
+    Attention over the slots of a static cache written so far, grouped-query heads read in place.
+
+    q (batch, q_heads, T, head_dim); key_cache, value_cache (batch, kv_heads, slots, head_dim), already
+    updated at `positions` (T,); attn_mask broadcastable to (batch, q_heads, T, slots) or None. Equals
+    `scaled_dot_product_attention(q, repeat_kv(key_cache), repeat_kv(value_cache), attn_mask, scale=scale)`
+    and reads only slots 0..max(positions): slots after it are attended to only when the mask lets a query
+    see one (then every slot is read, as the full op does). A one-token step whose mask lets it see every
+    slot read is computed without the mask (SDPA's faster unmasked path)."""
+    n = min(int(positions.max()) + 1, key_cache.shape[2]) if positions.numel() else key_cache.shape[2]
+    mask = attn_mask
+    if mask is not None and mask.shape[-1] > 1:
+        boolean = mask.dtype == torch.bool
+        rest = mask[..., n:]
+        if rest.numel() and bool(rest.any() if boolean else (rest > float("-inf")).any()):
+            n = key_cache.shape[2]
+        mask = mask[..., :n]
+        if q.shape[2] == 1 and bool(mask.all() if boolean else (mask == 0).all()):
+            mask = None
+    k, v = key_cache[:, :, :n], value_cache[:, :, :n]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                            enable_gqa=q.shape[1] != k.shape[1])
+
+
+@cache_attend.register_fake
+def _(q, key_cache, value_cache, attn_mask, positions, scale=None):
+    return q.new_empty((*q.shape[:-1], value_cache.shape[-1]))
 
 
 def split_state(layouts: str, state: list[Tensor]) -> list[tuple[Layout, dict[str, Tensor]]]:
@@ -62,6 +128,76 @@ def split_state(layouts: str, state: list[Tensor]) -> list[tuple[Layout, dict[st
     return out
 
 
+# ---------------------------------------------------------------- several tokens in one call
+def attend_chunk(groups: list[tuple[Layout, dict[str, Tensor]]], q: Tensor, k: Tensor, v: Tensor, n: int,
+                 scale: float) -> Tensor:
+    """T > 1 tokens at positions n..n+T-1: q (batch, q_heads, T, head_dim), k, v (batch, kv_heads, T, head_dim).
+
+    A prompt (n == 0) is attended exactly (causal, full precision, the layer's sliding window and soft-capping)
+    and then written into the state as a prefill through the eager model writes it (`fill_state`); a chunk
+    after cached tokens goes through the decode step one token at a time."""
+    if n == 0:
+        L = groups[0][0]
+        out = prompt_attention(q, k, v, scale, getattr(L, "sliding", 0), getattr(L, "softcap", 0.0))
+        fill_state(groups, q, k, v, scale)
+        return out
+    steps = [attend_step(groups, q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], n + t, scale)
+             for t in range(q.shape[2])]
+    return torch.cat(steps, dim=2)
+
+
+def prompt_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window: int = 0, softcap: float = 0.0,
+                     query_chunk: int = 256) -> Tensor:
+    """Causal attention of a prompt over itself (grouped-query heads read in place), with a sliding `window`
+    (0: none) and logit `softcap` (0: none). q (batch, q_heads, T, d), k, v (batch, kv_heads, T, d)."""
+    t = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if not window and not softcap:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    i = torch.arange(t, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if window:
+        allowed &= i[None, :] > i[:, None] - window
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
+    b, hq, _, d = q.shape
+    hk = k.shape[1]
+    qg = q.float().reshape(b, hk, hq // hk, t, d)
+    kf, vf = k.float()[:, :, None], v.float()[:, :, None]
+    outs = []
+    for lo in range(0, t, query_chunk):  # (chunk, T) logits at a time
+        hi = min(t, lo + query_chunk)
+        logits = qg[:, :, :, lo:hi] @ kf.transpose(-1, -2) * scale
+        logits = (logits / softcap).tanh() * softcap
+        probs = logits.masked_fill(~allowed[lo:hi], float("-inf")).softmax(-1)
+        outs.append(probs @ vf)
+    return torch.cat(outs, dim=3).reshape(b, hq, t, d).to(q.dtype)
+
+
+def fill_state(groups: list[tuple[Layout, dict[str, Tensor]]], q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
+    """Write a layer's state from a prompt's queries, keys and values (after RoPE; shapes as `attend_chunk`):
+    each group scored as its layout says (H2O, Scissorhands, SnapKV, ThinK's channels), then `fill_group`."""
+    from memopt.kv.h2o import h2o_scores, scissorhands_scores
+    from memopt.kv.snapkv import snapkv_scores
+    from memopt.kv.think import think_channel_scores
+
+    n_rep = q.shape[1] // k.shape[1]
+    for layout, bufs in groups:
+        heads = torch.tensor(layout.heads, device=k.device)
+        q_heads = (heads[:, None] * n_rep + torch.arange(n_rep, device=k.device)).flatten()
+        qg, kg, vg = q[:, q_heads], k[:, heads], v[:, heads]
+        scores = channel_scores = None
+        if layout.prefill_score == "h2o":
+            scores = h2o_scores(qg, kg, scale)
+        elif layout.prefill_score == "scissorhands":
+            scores = scissorhands_scores(qg, kg, scale)
+        elif layout.prefill_score == "snapkv":
+            scores = snapkv_scores(qg, kg, scale, layout.window, layout.kernel)
+        if layout.kept_channels != layout.head_dim:
+            channel_scores = think_channel_scores(qg, kg, layout.channel_window)
+        fill_group(layout, bufs, kg, vg, scores, channel_scores)
+
+
 # ---------------------------------------------------------------- one decode step
 CHUNK_TOKENS = 512  # store tokens dequantized at a time: the step's transient is a chunk, not the layer's cache
 
@@ -72,6 +208,8 @@ def attend_group(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Te
     The store is read `CHUNK_TOKENS` at a time, twice: keys to logits (a row of scores per token, small), then,
     after one softmax over every kept token, values into the output. Only a chunk is ever dequantized, so the
     step's memory beyond the compressed cache stays a chunk's fp32 keys or values, whatever the context."""
+    if fast_path(L):
+        return attend_fast(L, bufs, q, k, v, n, scale)
     q = q.float()
     logits, segments, spans = [], [], {}  # segments: (length, values for those tokens, on demand)
     ns = min(n, L.sinks)
@@ -97,7 +235,12 @@ def attend_group(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Te
         segments.append((m - first, lambda: bufs["res_v"][:, :, slots].float()))
     logits.append(q @ k.float().transpose(-1, -2))
     segments.append((1, lambda: v.float()))
-    probs = (torch.cat(logits, -1) * scale).softmax(-1)
+    scores = torch.cat(logits, -1) * scale
+    if L.softcap:  # the model's logit soft-capping (Gemma-2)
+        scores = (scores / L.softcap).tanh() * L.softcap
+    if L.sliding and n >= L.sliding:  # the model's sliding window: positions n - sliding + 1 .. n
+        scores = scores.masked_fill(L.attended_positions(n, q.device) <= n - L.sliding, float("-inf"))
+    probs = scores.softmax(-1)
     out, start = None, 0
     for length, values in segments:
         part = probs[..., start : start + length] @ values()
@@ -114,6 +257,116 @@ def attend_group(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Te
             bufs["res_score"][:, :, slots] += gain[..., start : start + length]
         new_score = gain[..., -1]
     insert(L, bufs, k, v, n, new_score)
+    return out
+
+
+def fast_path(L: Layout) -> bool:
+    """Whether `attend_fast` serves `L`: no eviction scores, every key channel kept, keys stored after RoPE and
+    no sliding window (its order of tokens is not `Layout.attended_positions`')."""
+    return not L.scored and L.kept_channels == L.head_dim and not L.pre_rope and not getattr(L, "sliding", 0)
+
+
+def attend_fast(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor, n: int, scale: float) -> Tensor:
+    """`attend_group` for layouts `fast_path` accepts, in few whole-tensor ops (same shapes and result).
+
+    The store is read in one pass: a KIVI key block dequantizes in one op from its unpacked levels
+    (u * scale + zero, per channel), a value's per-token scales multiply the attention weights instead of
+    the values (sum_t p_t (u_t s_t + z_t) = sum_t (p_t s_t) u_t + sum_t p_t z_t, per value group); a
+    Hadamard-rotated store is read by rotating the query and the output instead of every key and value.
+    Sinks, the residual ring (read in slot order: softmax does not care about order; a wrapped ring's
+    empty slots are masked) and the new token are attended as one full-precision segment."""
+    qf = q.float() * scale
+    keys, vals, ns = [], [], min(n, L.sinks)
+    if ns:
+        keys.append(bufs["sink_k"][:, :, :ns])
+        vals.append(bufs["sink_v"][:, :, :ns])
+    m, f = max(0, n - L.sinks), L.flushed(n)
+    first, dead = (L.group * f if L.residual else m), None
+    if m > first:
+        count, start = m - first, first % max(L.residual, 1)
+        ring = slice(start, start + count) if start + count <= L.residual else slice(None)
+        keys.append(bufs["res_k"][:, :, ring])
+        vals.append(bufs["res_v"][:, :, ring])
+        if ring.start is None:  # wrapped: slots (start + count) % R .. start - 1 hold no token
+            dead = (torch.arange(L.residual, device=q.device) - start) % L.residual >= count
+    exact_k = torch.cat([*keys, k], 2).float() if keys else k.float()
+    exact = qf @ exact_k.transpose(-1, -2)  # (batch, heads, n_rep, sinks + ring + 1)
+    if dead is not None:
+        exact[..., ns:ns + L.residual].masked_fill_(dead, float("-inf"))
+    nb = min(f, L.blocks)
+    scores = torch.cat([_store_logits(L, bufs, qf, nb), exact], -1) if nb else exact
+    if getattr(L, "softcap", 0.0):  # empty ring slots stay -inf (tanh would make them -softcap, attended)
+        scores = torch.where(scores.isneginf(), scores, (scores / L.softcap).tanh() * L.softcap)
+    probs = scores.softmax(-1)
+    stored = nb * L.group
+    exact_v = torch.cat([*vals, v], 2).float() if vals else v.float()
+    out = probs[..., stored:] @ exact_v
+    if nb:
+        out = out.add_(_store_output(L, bufs, probs[..., :stored], nb))
+    insert(L, bufs, k, v, n, None)
+    return out
+
+
+def _store_logits(L: Layout, bufs: dict[str, Tensor], q: Tensor, nb: int) -> Tensor:
+    """q (batch, heads, n_rep, head_dim) fp32 against the first `nb` store blocks: logits (batch, heads, n_rep,
+    nb * group)."""
+    if L.key_bits == 16:
+        return q @ bufs["store_k"][:, :, :nb].flatten(2, 3).float().transpose(-1, -2)
+    if L.hadamard:
+        q = q @ kivi.hadamard_matrix(L.head_dim).to(q.device)
+    scale = bufs["store_kscale"][:, :, :nb].float().unsqueeze(-2)  # (batch, heads, nb, 1, head_dim): per channel
+    zero = bufs["store_kzero"][:, :, :nb].float().unsqueeze(-2)
+    levels = _unpack(bufs["store_kq"][:, :, :nb], L.key_bits, "keys")
+    keys = _scratch("keys", levels.shape, torch.float32, q.device).copy_(levels).mul_(scale).add_(zero)
+    return q @ keys.flatten(2, 3).transpose(-1, -2)
+
+
+def _unpack(packed: Tensor, bits: int, key: str) -> Tensor:
+    """`kivi.unpack_bits`: (..., m) uint8 -> (..., m * 8 / bits) uint8, into scratch memory `key`. 4-bit data
+    without an interleaving copy (2.5x faster on CPU): each byte widened to 16 bits, its high nibble moved to
+    the high byte, both masked, read back as two little-endian bytes."""
+    if bits != 4 or sys.byteorder != "little":
+        return kivi.unpack_bits(packed, bits)
+    x = _scratch(key + "_lo", packed.shape, torch.int16, packed.device).copy_(packed)
+    y = torch.bitwise_left_shift(x, 4, out=_scratch(key + "_hi", packed.shape, torch.int16, packed.device))
+    return y.bitwise_or_(x).bitwise_and_(0x0F0F).view(torch.uint8)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(key: str, shape, dtype: torch.dtype, device) -> Tensor:
+    """Memory a decode step reuses for its large temporaries (per thread and `key`, grown as needed): fresh
+    CPU allocations above glibc's mmap threshold (128 KiB) page-fault every 4 KiB on each step, which costs
+    more than the arithmetic on them. The result is overwritten by the next step: never return it."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    numel = math.prod(shape)
+    buf = buffers.get((key, dtype, str(device)))
+    if buf is None or buf.numel() < numel:
+        with torch.inference_mode(False):  # an ordinary tensor: writable in and out of inference mode
+            buf = buffers[key, dtype, str(device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def _store_output(L: Layout, bufs: dict[str, Tensor], p: Tensor, nb: int) -> Tensor:
+    """Attention weights p (batch, heads, n_rep, nb * group) over the first `nb` store blocks' values ->
+    (batch, heads, n_rep, head_dim)."""
+    if L.value_bits == 16:
+        return p @ bufs["store_v"][:, :, :nb].flatten(2, 3).float()
+    scale = bufs["store_vscale"][:, :, :nb].flatten(2, 3).float()  # (batch, heads, tokens, groups)
+    zero = bufs["store_vzero"][:, :, :nb].flatten(2, 3).float()
+    levels = _unpack(bufs["store_vq"][:, :, :nb], L.value_bits, "values").flatten(2, 3)  # (.., tokens, head_dim)
+    levels = _scratch("values", levels.shape, torch.float32, p.device).copy_(levels)
+    groups = scale.shape[-1]
+    width = L.head_dim // groups
+    if groups == 1:
+        out = (p * scale[..., 0].unsqueeze(-2)) @ levels
+    else:
+        out = torch.cat([(p * scale[..., j].unsqueeze(-2)) @ levels[..., j * width:(j + 1) * width]
+                         for j in range(groups)], -1)
+    out = out.add_((p @ zero).repeat_interleave(width, -1))
+    if L.hadamard:
+        out = out @ kivi.hadamard_matrix(L.head_dim).to(out.device)
     return out
 
 

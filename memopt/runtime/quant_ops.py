@@ -20,10 +20,12 @@ path at every M, but it adds activation error. int4 uses `aten._weight_int4pack_
 activations) for up to 128 rows when N is a multiple of its row block. Its weight layout is a byte shuffle
 of the canonical one of the same size (per block of B rows, byte [k, j] = q[j, k] | q[j + B/2, k] << 4, with
 B = 64 where ATen's CPU capability is AVX512 and B = 32 with AVX2 or none, found once per process by comparing
-with `aten._convert_weight_to_int4pack_for_cpu`), so on first
-use `packed` is rewritten *in place* into it and tagged (`_memopt_int4_kernel`): one copy stays
-resident, never two. Every reader here accepts either layout; `canonical_int4_layout(module)` turns
-tagged buffers back before saving or exporting (artifacts and ONNX store the canonical layout). Its
+with `aten._convert_weight_to_int4pack_for_cpu`), so `prepare_int4_kernel_layout_(module)` rewrites each
+`packed` that a `linear_int4` node reads *in place* into it, outside any op (OptimizedModule does before a
+CPU run), and tags it (`_memopt_int4_kernel`): one copy stays resident, never two. The op itself never
+writes its inputs (`mutates_args=()` is honest, so torch.compile may reorder and share them): an untagged
+`packed` takes the reference path. Every reader here accepts either layout; `canonical_int4_layout(module)`
+turns tagged buffers back before saving or exporting (artifacts and ONNX store the canonical layout). Its
 dequantization is (q - 8) * scale + zero', so zero' = (8 - zeros) * scales (a small `[K/g, N, 2]`
 bf16 table cached on `packed`, 4 bytes per group). Larger M (prefill, batches) uses the tile-wise
 reference, which runs at fp32 speed there. CUDA and every other case: the tile-wise reference.
@@ -227,19 +229,65 @@ def canonicalize_int4_(tensors) -> int:
 
 @contextmanager
 def canonical_int4_layout(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Within the block every int4 buffer of `module` holds the canonical layout."""
-    canonicalize_int4_(list(module.buffers()) + list(module.parameters()))
-    yield module
+    """Within the block every int4 buffer of `module` holds the canonical layout; those it converted get
+    the kernel layout back afterwards."""
+    tensors = list(module.buffers()) + list(module.parameters())
+    blocks = [(t, _kernel_tag(t)) for t in tensors if isinstance(t, Tensor) and _is_kernel_layout(t)]
+    canonicalize_int4_(tensors)
+    try:
+        yield module
+    finally:
+        for t, block in blocks:
+            if not _is_kernel_layout(t):
+                _to_kernel_layout_(t, block)
+
+
+def prepare_int4_kernel_layout_(module: torch.nn.Module) -> int:
+    """Rewrite, in place, every CPU `packed` weight that a `memopt::linear_int4` node of `module`'s graphs reads
+    (a parameter or buffer, not a view such as an offload slot's) into the CPU kernel's layout, once (tagged
+    ones are skipped). Outside any op, so the op stays free of side effects. Returns how many were converted."""
+    block = _kernel_block()
+    if not block:
+        return 0
+    n = 0
+    for gm in module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            op = torch.ops.memopt.linear_int4
+            packed = node.args[1] if node.target in (op, op.default) else None
+            if not isinstance(packed, torch.fx.Node) or packed.op != "get_attr":
+                continue
+            t = _attr(gm, packed.target)
+            if (isinstance(t, Tensor) and t.device.type == "cpu" and t.dtype == torch.uint8 and t.dim() == 2
+                    and t.shape[0] % block == 0 and t.is_contiguous() and not _is_kernel_layout(t)):
+                _to_kernel_layout_(t, block)
+                n += 1
+    return n
+
+
+def _attr(root: torch.nn.Module, target: str):
+    for part in target.split("."):
+        root = getattr(root, part, None)
+    return root
 
 
 def _cpu_int4_layout(packed: Tensor, scales: Tensor, zeros: Tensor) -> tuple[Tensor, Tensor] | None:
     """(`packed` itself, in the kernel layout, and the `[K/g, N, 2]` bf16 scales-and-zeros), or None when
-    the kernel cannot be used. Converts `packed` in place on first use (one resident copy)."""
+    the kernel cannot be used (not prepared by `prepare_int4_kernel_layout_`, or an unsupported shape)."""
     block = _kernel_block()
     if not block or packed.shape[0] % block:
         return None
-    if not _is_kernel_layout(packed):
-        _to_kernel_layout_(packed, block)
+    if _kernel_tag(packed) != block:  # canonical: prepare_int4_kernel_layout_ converts weights, never the op
+        if packed._base is None:
+            return None
+        # a view (an offload staging slot, refilled every step): a converted copy, so that streamed and
+        # resident int4 linears run the same kernel and give the same numbers; the slot itself is untouched
+        packed = torch.cat([_kernel_from_q(unpack_int4(packed[i:i + block]), block)
+                            for i in range(0, packed.shape[0], block)])
+        s = scales.float()
+        sz = torch.stack([s.t(), ((8.0 - zeros.float()) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+        return packed, sz
     cached = getattr(packed, "_memopt_cpu_int4_sz", None)
     key = (scales._version, zeros._version)
     if cached is not None and cached[0] == key and cached[1].shape[1] == packed.shape[0]:
@@ -284,6 +332,13 @@ def _linear_out(x: Tensor, y2: Tensor, bias: Optional[Tensor]) -> Tensor:
 def linear_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
                 act_int8: bool = False) -> Tensor:
     """y = x @ (qweight * scales[:, None]).T + bias. x `[..., K]`, qweight int8 `[N, K]`, scales `[N]`."""
+    return int8_linear(x, qweight, scales, bias, act_int8)
+
+
+def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
+                act_int8: bool = False) -> Tensor:
+    """`memopt::linear_int8` as a plain function, which `memopt.runner.decode_program` calls without the
+    dispatcher's Python layers."""
     n, k = qweight.shape
     x2 = x.reshape(-1, k)
     on_cpu = x.device.type == "cpu"
@@ -312,7 +367,7 @@ def hadamard(x: Tensor, block: int) -> Tensor:
 
 @hadamard.register_fake
 def _(x, block):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # contiguous, as the kernel's reshape returns
 
 
 @torch.library.custom_op("memopt::linear_int4", mutates_args=())
@@ -323,6 +378,13 @@ def linear_int4(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_
 
     x `[..., K]`, packed uint8 `[N, K/2]`, scales bf16 / zeros uint8 `[N, K/g]`, outlier_weight `[N, n_out]`.
     """
+    return int4_linear(x, packed, scales, zeros, group_size, bias, outlier_idx, outlier_weight)
+
+
+def int4_linear(x: Tensor, packed: Tensor, scales: Tensor, zeros: Tensor, group_size: int,
+                bias: Optional[Tensor] = None, outlier_idx: Optional[Tensor] = None,
+                outlier_weight: Optional[Tensor] = None) -> Tensor:
+    """`memopt::linear_int4` as a plain function (see `int8_linear`)."""
     n, k = packed.shape[0], packed.shape[1] * 2
     x2 = x.reshape(-1, k)
     layout = None
@@ -370,5 +432,5 @@ def _(qweight, scales, indices):
 __all__ = [
     "quantize_int8_rows", "dequantize_int8", "pack_int4", "unpack_int4", "int4_group_params",
     "quantize_int4_values", "quantize_int4_groups", "dequantize_int4",
-    "linear_int8", "linear_int4", "embedding_int8", "canonical_int4_layout",
+    "linear_int8", "linear_int4", "embedding_int8", "canonical_int4_layout", "prepare_int4_kernel_layout_",
 ]

@@ -3,7 +3,7 @@
     python benchmarks/arena.py              # writes benchmarks/results/arena.md
     python benchmarks/arena.py --inductor   # also torch.compile (inductor) peaks: minutes of compiling
 
-Eager PyTorch's CPU peak is measured with memopt.measure.cpu_peak_bytes: the profiler's allocator
+Eager PyTorch's CPU peak is measured with memopt.eval.measure.cpu_peak_bytes: the profiler's allocator
 records (every storage created/destroyed, in order) replayed to a running sum; weights exist
 before the call and are not counted. The arena module is compiled with outputs_in_arena=True; the
 planning columns are for the tensors the arena pass places (ops with a direct out= kernel, in-place
@@ -29,13 +29,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import environment, mib, table, write  # noqa: E402
 
-from memopt.analysis import analyze  # noqa: E402
+from memopt.analysis.accounting import analyze  # noqa: E402
 from memopt.capture import capture  # noqa: E402
-from memopt.measure import cpu_peak_bytes  # noqa: E402
+from memopt.eval.measure import cpu_peak_bytes  # noqa: E402
 from memopt.passes.arena import ArenaConfig, arena_memgraph  # noqa: E402
 from memopt.pipeline import compile_model  # noqa: E402
 from memopt.solvers.arena import greedy_arena, no_reuse_bytes, solve_arena  # noqa: E402
-from memopt.sources import ModelSource, resolve_source  # noqa: E402
+from memopt.frontend.sources import ModelSource, resolve_source  # noqa: E402
 
 KINDS = ("activation", "output")
 

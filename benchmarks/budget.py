@@ -3,7 +3,7 @@
     python benchmarks/budget.py            # writes benchmarks/results/budget.md
 
 Every plan is made from the preset's config alone (no weights), with the defaults of
-`memopt.budget.plan_budget`: objective "latency", budget = the GPU's memory, reserve min(1 GiB, 10%),
+`memopt.planning.budget.plan_budget`: objective "latency", budget = the GPU's memory, reserve min(1 GiB, 10%),
 batch 1. A plan that cannot fit is shown as its smallest achievable plan (fits "no").
 The second table gives every layer its own quality sensitivity, which makes the ILP's layers
 distinct (no aggregation of identical layers): the hard case for CBC.
@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from common import environment, table, write  # noqa: E402
 
-from memopt.budget import plan_budget  # noqa: E402
-from memopt.cost import model_shape  # noqa: E402
-from memopt.sources import preset_config  # noqa: E402
+from memopt.planning.budget import plan_budget  # noqa: E402
+from memopt.planning.cost import model_shape  # noqa: E402
+from memopt.frontend.sources import preset_config  # noqa: E402
 
 MODELS = ("llama-2-7b", "llama-3-8b", "llama-3-70b")
 TARGETS = ("rtx-4090", "l4", "a100-80gb", "h100-80gb")
@@ -77,7 +77,7 @@ def main() -> None:
         "",
         f"Environment: {environment()}. Solver: CBC (bundled with PuLP), time limit 3 s per plan.",
         "",
-        "Predictions come from memopt's roofline model (memopt/cost.py), not from measurements on these GPUs:",
+        "Predictions come from memopt's roofline model (memopt/planning/cost.py), not from measurements on these GPUs:",
         "decode ms/step is one decode step at batch 1 with the full context in the KV cache; prefill s is a",
         "chunked prefill (2048 tokens per chunk) of the whole context. Quality loss is the planner's default",
         "penalty (about the relative perplexity increase; all-int4 weights ~0.03, a 2-bit cache ~0.03).",

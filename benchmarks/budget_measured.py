@@ -8,7 +8,7 @@ bandwidth measured by a large copy, so the roofline's decode time is this machin
 so the planner keeps weights on the "device" (on a CPU the host *is* the device: offloading saves nothing).
 Measured resident bytes: every distinct tensor storage the emitted module holds (weights, KV cache,
 arena) across its forward and generation programs. Measured transient bytes: the allocator records of a
-`generate` call (`memopt.measure.cpu_peak_bytes`, the profiler's memory timeline) beyond what existed before.
+`generate` call (`memopt.eval.measure.cpu_peak_bytes`, the profiler's memory timeline) beyond what existed before.
 Peak = resident + transient, the quantity `torch.cuda.max_memory_allocated` would give on a GPU.
 """
 
@@ -23,9 +23,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 import torch  # noqa: E402
 from common import environment, mib, table, write  # noqa: E402
 
-from memopt.measure import cpu_peak_bytes  # noqa: E402
+from memopt.eval.measure import cpu_peak_bytes  # noqa: E402
 from memopt.pipeline import compile_model  # noqa: E402
-from memopt.units import parse_bytes  # noqa: E402
+from memopt.frontend.units import parse_bytes  # noqa: E402
 
 BUDGET = "170MiB"
 CONTEXT = 1024

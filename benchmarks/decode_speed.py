@@ -8,7 +8,7 @@ after a prompt of ~200 and ~1,500 tokens of held-out text, the median over every
 systems and contexts are interleaved round by round (A/B), so a busy machine slows all of them alike.
 Rows: transformers eager fp32 (and bf16) stepping a `DynamicCache`; memopt plain / int8 / int4 /
 KIVI (`kivi:k4v4:g32:r128`) through the generation program as `OptimizedModule.generate` runs it
-(`memopt.runner.decode_program`, a static 2,048-slot cache; KIVI: `memopt.generate`, whose prefill takes
+(`memopt.serve.decode_program.decode_program`, a static 2,048-slot cache; KIVI: `memopt.serve.generate`, whose prefill takes
 the prompt in one call). "prefill s" is the CPU time of the 1,500-token prompt (time to first token).
 llama.cpp runs through llama-cpp-python on the same GGUF file when that package is importable.
 """
@@ -30,10 +30,10 @@ import torch  # noqa: E402
 from common import environment, table, write  # noqa: E402
 
 import memopt  # noqa: E402
-from memopt.evaluate import heldout_text  # noqa: E402
-from memopt.generate import decode_step, prefill  # noqa: E402
-from memopt.runner import decode_program  # noqa: E402
-from memopt.sources import resolve_source  # noqa: E402
+from memopt.eval.evaluate import heldout_text  # noqa: E402
+from memopt.serve.generate import decode_step, prefill  # noqa: E402
+from memopt.serve.decode_program import decode_program  # noqa: E402
+from memopt.frontend.sources import resolve_source  # noqa: E402
 
 CONTEXTS = (200, 1500)
 KIVI = "kivi:k4v4:g32:r128"
@@ -60,7 +60,7 @@ def hf_stepper(model):
 def memopt_stepper(opt):
     """The same two callables through `opt`'s generation program, as `opt.generate` runs it."""
     gen = opt.generator
-    if "memopt_kv" in gen.meta:  # a compressed cache: memopt.generate's prefill and decode step
+    if "memopt_kv" in gen.meta:  # a compressed cache: memopt.serve.generate's prefill and decode step
         return (lambda ids: prefill(gen, ids)), (lambda token, pos: decode_step(gen, token, pos))
     program = decode_program(gen)
 
@@ -121,7 +121,7 @@ def build(src, quick: bool) -> dict:
         opt = memopt.compile(src, passes=("quantize",) if "quantize" in kw else (), **kw)
         opt.generate(torch.tensor([[1, 2, 3]]), 1)  # as a first generate() does: int4 weights into the kernel layout
         systems[f"memopt {name}"] = (memopt_stepper(opt), opt.plan.predictions["weights_bytes"])
-    from memopt.gguf import smollm2_path
+    from memopt.frontend.gguf import smollm2_path
 
     gguf = str(smollm2_path())
     cpp = llama_cpp_stepper(gguf)

@@ -17,9 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from common import environment, table, write  # noqa: E402
 
-from memopt.evaluate import heldout_text, passkey_accuracy, perplexity  # noqa: E402
-from memopt.gguf import kv_cache_bytes, load_gguf_model, read_gguf_header, smollm2_path  # noqa: E402
-from memopt.inspect import inspect_model  # noqa: E402
+from memopt.eval.evaluate import heldout_text, passkey_accuracy, perplexity  # noqa: E402
+from memopt.frontend.gguf import kv_cache_bytes, load_gguf_model, read_gguf_header, smollm2_path  # noqa: E402
+from memopt.analysis.inspect import inspect_model  # noqa: E402
 
 
 def timed(fn):
@@ -35,7 +35,7 @@ def main() -> None:
     report, inspect_s = timed(lambda: inspect_model(str(path), target="rtx-4090", seq=2048))
     (model, tokenizer), load_s = timed(lambda: load_gguf_model(path))
     timing = [
-        ["read the GGUF header (memopt.gguf.read_gguf_header)", f"{header_s * 1000:.1f} ms",
+        ["read the GGUF header (memopt.frontend.gguf.read_gguf_header)", f"{header_s * 1000:.1f} ms",
          f"weights {info.weights_bytes} B; KV at 2k = {kv_cache_bytes(info, 1, 2048)} B"],
         ["full memopt inspect from the header (meta-device capture, prefill + decode, arena plan)",
          f"{inspect_s:.2f} s", f"fits rtx-4090: {report.to_json()['fits']}"],
@@ -53,7 +53,7 @@ def main() -> None:
     text = (f"# GGUF source and the quality harness\n\n{environment()}\n\nCommand: `python benchmarks/gguf_source.py`\n\n"
             f"## Planning from the header vs loading ({path.name}, {path.stat().st_size / 2**20:.1f} MiB)\n\n"
             + table(["step", "time", "result"], timing)
-            + "\n\n## Quality harness (memopt.evaluate) on SmolLM2-135M-Instruct\n\n"
+            + "\n\n## Quality harness (memopt.eval.evaluate) on SmolLM2-135M-Instruct\n\n"
             + table(["model", "context tokens", "perplexity (held-out pydoc text)", "pass-key accuracy", "time"], rows)
             + "\n\n" + (__doc__ or "").split("\n\n")[2].strip() + "\n")
     write("gguf_source.md", text)

@@ -18,7 +18,7 @@ Heavy work runs in worker subprocesses of this script (`--worker KIND`), so a ti
 CUDA memory measurement starts from a fresh process.
 
 The budget planner may meet a budget by quantizing instead of offloading (int8 costs less time than streaming),
-and `compile_model` has no option to restrict its formats: the compile here wraps `memopt.budget.plan_budget`
+and `compile_model` has no option to restrict its formats: the compile here wraps `memopt.planning.budget.plan_budget`
 with `formats=("bf16",)` and `kv_bits=(16,)`, so the budget can only be met by host placement (see
 `offload_only_planner`), and picks the budget fraction whose plan puts both weights and KV caches on the host.
 """
@@ -175,9 +175,9 @@ def build_llama_dir(directory: str | Path, size: str = "1b", seq: int = 512, see
 # ---------------------------------------------------------------- the budget (CPU)
 @contextlib.contextmanager
 def offload_only_planner():
-    """Within: `memopt.budget.plan_budget` plans bf16 weights and 16-bit KV only, so a budget below the
+    """Within: `memopt.planning.budget.plan_budget` plans bf16 weights and 16-bit KV only, so a budget below the
     weights is met by host placement alone (compile_model looks plan_budget up at call time)."""
-    import memopt.budget as mb
+    import memopt.planning.budget as mb
 
     original = mb.plan_budget
     mb.plan_budget = functools.partial(original, formats=("bf16",), kv_bits=(16,))
@@ -223,8 +223,8 @@ def device_bytes_by_role(module, device_type: str = "cuda") -> dict[str, int]:
 def choose_budget(source: str, *, target: str, seq: int, fractions=BUDGET_FRACTIONS) -> dict:
     """The first budget (a fraction of the bf16 weights, `fractions` in order) whose offload-only plan fits
     with weights and KV caches on the host; else the first fraction's plan, with `offloads_both` False."""
-    from memopt import cost
-    from memopt.budget import _shape_of, plan_budget
+    from memopt.planning import cost
+    from memopt.planning.budget import _shape_of, plan_budget
 
     shape = _shape_of(source)
     bf16 = sum(layer.bytes("bf16") for layer in cost.layer_weights(shape))
@@ -403,7 +403,7 @@ def _schedules(generator) -> dict:
 def worker_memopt(spec: dict, out: Progress) -> None:
     """Load the artifact on the GPU, generate, record memory; then time prefill and decode."""
     import memopt
-    from memopt.artifact import load_plan
+    from memopt.emit.artifact import load_plan
 
     plan = load_plan(spec["artifact"])
     out.put(predicted=plan.predictions.get("budget"))

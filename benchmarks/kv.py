@@ -4,9 +4,9 @@
     python benchmarks/kv.py --samples 2 --tf-tokens 128 --skip-long   # a quick look
 
 SmolLM2 at `--context` tokens (1k): every policy runs through the rewritten decode graph
-(`KVCompressionPass` + `memopt.generate`), on the same samples:
+(`KVCompressionPass` + `memopt.serve.generate`), on the same samples:
   cache bytes     the graph's KV buffers (packed data, scales, zeros, residual, sinks, scores), vs fp16
-  pass key        `memopt.evaluate.passkey_prompt` (held-out Python docs, key at a seeded depth); the
+  pass key        `memopt.eval.evaluate.passkey_prompt` (held-out Python docs, key at a seeded depth); the
                   context is prefilled and compressed first, the question is fed afterwards through the
                   decode step, so no policy sees it while choosing what to keep
   top-1 / ppl     the first half of a held-out text prefilled, the second half teacher-forced through the
@@ -35,9 +35,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from common import environment, table, write  # noqa: E402
 
-from memopt import evaluate  # noqa: E402
+from memopt.eval import evaluate  # noqa: E402
 from memopt.capture import capture  # noqa: E402
-from memopt.generate import decode_step, generate, prefill  # noqa: E402
+from memopt.serve.generate import decode_step, generate, prefill  # noqa: E402
 from memopt.kv import (  # noqa: E402
     H2OConfig,
     KIVIConfig,
@@ -49,14 +49,14 @@ from memopt.kv import (  # noqa: E402
 )
 from memopt.kv.duo import duo_attention_policy, retrieval_head_scores  # noqa: E402
 from memopt.passes.kv import KVCompressionPass, kv_buffer_bytes  # noqa: E402
-from memopt.sources import resolve_source  # noqa: E402
+from memopt.frontend.sources import resolve_source  # noqa: E402
 
-METHOD = """Every memopt row runs through the rewritten decode graph (`KVCompressionPass`, then `memopt.generate`: the
+METHOD = """Every memopt row runs through the rewritten decode graph (`KVCompressionPass`, then `memopt.serve.generate`: the
 eager model prefills and the policy compresses layer by layer, then one graph call per token), on the same samples:
 
 - **cache bytes**: the graph's KV buffers (packed data, scales, zeros, residual, sinks, scores, kept-channel
   indices) against an fp16 cache of the same context.
-- **pass key**: `memopt.evaluate.passkey_prompt` (held-out Python docs, a 5-digit key at a seeded depth). The
+- **pass key**: `memopt.eval.evaluate.passkey_prompt` (held-out Python docs, a 5-digit key at a seeded depth). The
   context is prefilled and compressed first; the question is then fed through the decode step, so no policy
   sees it while choosing what to keep.
 - **top-1 / ppl**: the first half of a held-out text prefilled, the second half teacher-forced through the
@@ -247,7 +247,7 @@ def smollm2_long_table(src, args, duo) -> str:
 def long_random_table(args) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from memopt.sources import ModelSource
+    from memopt.frontend.sources import ModelSource
 
     cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                       num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=16384)

@@ -20,11 +20,11 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 from memopt.capture import capture  # noqa: E402
-from memopt.evaluate import heldout_text  # noqa: E402
-from memopt.generate import teacher_forced_logits  # noqa: E402
+from memopt.eval.evaluate import heldout_text  # noqa: E402
+from memopt.serve.generate import teacher_forced_logits  # noqa: E402
 from memopt.kv import fp16_cache_bytes, parse_kv_spec  # noqa: E402
 from memopt.passes.kv import KVCompressionPass, kv_buffer_bytes  # noqa: E402
-from memopt.sources import resolve_source  # noqa: E402
+from memopt.frontend.sources import resolve_source  # noqa: E402
 
 
 def main(specs: list[str]) -> None:

@@ -9,7 +9,7 @@ model, then decodes 8 tokens. Per row:
 - resident: the distinct storages of the graph's KV buffers after the pass (the full cache is gone, not
   masked);
 - decode transient: the peak of the allocator's records over the 8 decode steps beyond what existed before
-  (`memopt.measure.cpu_peak_bytes`: dequantized blocks, attention scores, logits);
+  (`memopt.eval.measure.cpu_peak_bytes`: dequantized blocks, attention scores, logits);
 - measured peak = resident + transient: the memory decoding holds at its worst moment, KV-wise.
 CPU only (no GPU lent): on CUDA the same quantities come from `torch.cuda.max_memory_allocated`.
 """
@@ -27,12 +27,12 @@ import torch  # noqa: E402
 from common import environment, table, write  # noqa: E402
 
 from memopt.capture import capture  # noqa: E402
-from memopt.generate import prefill  # noqa: E402
+from memopt.serve.generate import prefill  # noqa: E402
 from memopt.kv import KIVIConfig, KVCachePolicy, StreamingConfig, fp16_cache_bytes  # noqa: E402
 from memopt.kv.policy import HeadGroup, PerHeadKVPolicy  # noqa: E402
-from memopt.measure import cpu_peak_bytes  # noqa: E402
+from memopt.eval.measure import cpu_peak_bytes  # noqa: E402
 from memopt.passes.kv import KVCompressionPass, kv_buffer_bytes  # noqa: E402
-from memopt.sources import ModelSource  # noqa: E402
+from memopt.frontend.sources import ModelSource  # noqa: E402
 
 CONTEXT, LAYERS, KV_HEADS, HEAD_DIM, STEPS = 4096, 4, 8, 128, 8
 MIB = 2**20

@@ -7,7 +7,7 @@ MixtralConfig: hidden 4096, 32 layers, 8 experts top-2, intermediate 14336, voca
 their configs alone (meta device, no weights). GPUs: 1, 2, 4, 8 x A100-80GB (NVLink) and RTX 4090 (PCIe, no
 peer-to-peer), and 2 nodes x 4 of each; batch 1, context 8192 (plus the 32k case of the issue).
 
-memopt: `memopt.split.plan_split` (objective latency, each GPU's budget = its memory, reserve 1 GiB; host
+memopt: `memopt.planning.split.plan_split` (objective latency, each GPU's budget = its memory, reserve 1 GiB; host
 streaming allowed). Baselines, for the same usable bytes per GPU (budget - reserve), their layers placed by
 their own rule, then every device's KV cache and activation arena added (what they do not plan for):
 - greedy: llama.cpp-style "layers until full" (`-ngl` / `--tensor-split` filled in order): each layer's
@@ -34,10 +34,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from common import environment, table, write  # noqa: E402
 
-from memopt import cost  # noqa: E402
-from memopt.budget import _shape_of  # noqa: E402
-from memopt.split import plan_split  # noqa: E402
-from memopt.targets import parse_cluster  # noqa: E402
+from memopt.planning import cost  # noqa: E402
+from memopt.planning.budget import _shape_of  # noqa: E402
+from memopt.planning.split import plan_split  # noqa: E402
+from memopt.frontend.targets import parse_cluster  # noqa: E402
 
 GIB = 2**30
 SEQ = 8192
@@ -189,7 +189,7 @@ def row(name, source, model, spec, kw, seq=SEQ) -> tuple[list, list]:
 def main() -> None:
     logging.getLogger("accelerate").setLevel(logging.ERROR)
     logging.getLogger("accelerate.utils.modeling").setLevel(logging.ERROR)
-    from memopt.sources import resolve_source
+    from memopt.frontend.sources import resolve_source
 
     root = tempfile.mkdtemp(prefix="memopt-bench-")
     models = [("Llama-3-70B", "llama-3-70b"), ("Mixtral-8x7B size", mixtral_dir(root))]

@@ -32,12 +32,12 @@ import torch  # noqa: E402
 from common import environment, table, write  # noqa: E402
 from test_quantize import EVAL  # noqa: E402
 
-from memopt.calibration import default_texts, text_calibration  # noqa: E402
+from memopt.frontend.calibration import default_texts, text_calibration  # noqa: E402
 
 from memopt.passes.lossless import LosslessPass  # noqa: E402
 from memopt.passes.quant_config import Int4WeightConfig, Int8WeightConfig, LosslessConfig  # noqa: E402
 from memopt.passes.quantize import QuantizePass  # noqa: E402
-from memopt.sources import EncoderOutput as SentenceEncoder  # noqa: E402
+from memopt.frontend.sources import EncoderOutput as SentenceEncoder  # noqa: E402
 
 N_LINEARS = 37
 

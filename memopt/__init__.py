@@ -1,6 +1,6 @@
 """memopt: a compiler for memory. Give it a PyTorch model and a target GPU; get a module that fits.
 
-The top-level names are imported lazily so that `memopt.solvers` and `memopt.plan` stay
+The top-level names are imported lazily so that `memopt.solvers` and `memopt.planning.plan` stay
 importable without torch.
 """
 
@@ -11,20 +11,20 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "resolve_source": ("memopt.sources", "resolve_source"),
+    "resolve_source": ("memopt.frontend.sources", "resolve_source"),
     "capture": ("memopt.capture", "capture"),
-    "analyze": ("memopt.analysis", "analyze"),
-    "get_target": ("memopt.targets", "get_target"),
-    "inspect_model": ("memopt.inspect", "inspect_model"),
-    "Plan": ("memopt.plan", "Plan"),
+    "analyze": ("memopt.analysis.accounting", "analyze"),
+    "get_target": ("memopt.frontend.targets", "get_target"),
+    "inspect_model": ("memopt.analysis.inspect", "inspect_model"),
+    "Plan": ("memopt.planning.plan", "Plan"),
     "compile": ("memopt.pipeline", "compile"),
     "compile_model": ("memopt.pipeline", "compile_model"),
-    "OptimizedModule": ("memopt.module", "OptimizedModule"),
+    "OptimizedModule": ("memopt.emit.module", "OptimizedModule"),
     "CompileConfig": ("memopt.config", "CompileConfig"),
-    "save": ("memopt.artifact", "save"),
-    "load": ("memopt.artifact", "load"),
-    "verify": ("memopt.artifact", "verify"),
-    "ArtifactError": ("memopt.artifact", "ArtifactError"),
+    "save": ("memopt.emit.artifact", "save"),
+    "load": ("memopt.emit.artifact", "load"),
+    "verify": ("memopt.emit.artifact", "verify"),
+    "ArtifactError": ("memopt.emit.artifact", "ArtifactError"),
 }
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
-from memopt.sources import ModelSource
+from memopt.frontend.sources import ModelSource
 
 
 class CaptureError(RuntimeError):

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 
-from memopt.units import fmt_bytes, fmt_rate
+from memopt.frontend.units import fmt_bytes, fmt_rate
 
 EPILOG = ("MODEL is demo (default), minilm, smollm2, a preset (e.g. llama-3-8b), a Hugging Face model "
           "directory, a .gguf file, or path/to/file.py:factory")
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from memopt.inspect import format_report, inspect_model, plot_timeline
+    from memopt.analysis.inspect import format_report, inspect_model, plot_timeline
 
     report = inspect_model(args.model, target=args.target, batch=args.batch, seq=args.seq, dtype=args.dtype,
                            quiet=args.json)
@@ -134,9 +134,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_plan_only(args: argparse.Namespace) -> int:
     from types import SimpleNamespace
 
-    from memopt.artifact import save
-    from memopt.budget import format_budget_table
-    from memopt.split import plan_split
+    from memopt.emit.artifact import save
+    from memopt.planning.budget import format_budget_table
+    from memopt.planning.split import plan_split
 
     # one device: exactly plan_budget; several (4xh100-80gb, --devices, --nodes): split across them
     plan = plan_split(args.model, target=args.target, devices=args.devices, nodes=args.nodes, network=args.network,
@@ -155,7 +155,7 @@ def cmd_plan_only(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from memopt.artifact import save
+    from memopt.emit.artifact import save
     from memopt.config import CompileConfig
     from memopt.pipeline import compile_model
 
@@ -167,7 +167,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                              "add --plan-only")
     if not args.output:
         raise ValueError("memopt compile needs -o DIR for the artifact (or --plan-only to only print the plan)")
-    from memopt.outdir import check_output
+    from memopt.emit.outdir import check_output
 
     check_output(args.output, force=args.force)  # before any work: never destroy data, fail early
     key = _read_key(args.sign_key)
@@ -209,7 +209,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from memopt.run import run_artifact
+    from memopt.serve.run import run_artifact
 
     summary = run_artifact(args.directory, prompt=args.prompt, inputs=args.inputs, engine=args.engine,
                            max_new_tokens=args.max_new_tokens, device=args.device, key=_read_key(args.key))
@@ -237,7 +237,7 @@ def _read_key(path: str | None) -> bytes | None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from memopt.artifact import verify
+    from memopt.emit.artifact import verify
 
     manifest = verify(args.directory, key=_read_key(args.key))
     files = manifest["files"]
@@ -248,7 +248,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from memopt.targets import get_target, target_names
+    from memopt.frontend.targets import get_target, target_names
 
     targets = [get_target(n) for n in target_names()]
     if args.json:
@@ -269,7 +269,7 @@ _LEAST = {"batch": (1, "a batch size"), "seq": (1, "a number of tokens"), "max_c
 
 def _check_numbers(args: argparse.Namespace) -> None:
     """Sizes and limits, refused by flag name before any model is loaded."""
-    from memopt.units import parse_bytes
+    from memopt.frontend.units import parse_bytes
 
     for name, (least, what) in _LEAST.items():
         value = getattr(args, name, None)

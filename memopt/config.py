@@ -92,7 +92,7 @@ class CompileConfig:
         if not isinstance(self.target, str) or not self.target:
             raise ValueError(f"target must be a device name or custom:..., got {self.target!r}; see memopt targets")
         object.__setattr__(self, "passes", resolve_passes(self.passes, self.implied_passes()))
-        from memopt.checks import check_specs
+        from memopt.frontend.checks import check_specs
 
         check_specs(batch=self.batch, seq=self.seq, max_cache=self.max_cache, time_limit_s=self.time_limit_s,
                     arena_solver=self.arena_solver, quantize=self.quantize, kv=self.kv, offload=self.offload,

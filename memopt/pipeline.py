@@ -17,15 +17,15 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from memopt.analysis import Analysis, analyze
+from memopt.analysis.accounting import Analysis, analyze
 from memopt.capture import Captured, CaptureError, capture, export_again
-from memopt.checks import check_source, generation_cache_tokens
+from memopt.frontend.checks import check_source, generation_cache_tokens
 from memopt.config import KNOWN_PASSES, CompileConfig, resolve_passes  # noqa: F401  (KNOWN_PASSES: re-exported)
-from memopt.module import OptimizedModule
+from memopt.emit.module import OptimizedModule
 from memopt.names import HOST_PREFIX, OFFLOAD_PREFIX, SLOT_PREFIX, is_kv, is_offload
-from memopt.plan import LayerDecision, Plan
-from memopt.sources import ModelSource, resolve_source
-from memopt.targets import get_target
+from memopt.planning.plan import LayerDecision, Plan
+from memopt.frontend.sources import ModelSource, resolve_source
+from memopt.frontend.targets import get_target
 
 
 @dataclass
@@ -149,7 +149,7 @@ def _calibration_inputs(captured: Captured, calibration: Any) -> tuple[list, str
     the program; texts (a list of strings, or the path of a text file with one sample per line) run
     through the source's tokenizer; or None: the bundled calibration text when the source has a
     tokenizer, else the example inputs (random token ids for a source without one)."""
-    from memopt.calibration import (
+    from memopt.frontend.calibration import (
         CalibrationSet,
         default_texts,
         read_texts,
@@ -185,7 +185,7 @@ def _calibration_inputs(captured: Captured, calibration: Any) -> tuple[list, str
 def _reorder(captured: Captured, analysis: Analysis, time_limit_s: float, say) -> tuple[Captured, Analysis, list[str]]:
     """Reorder ops for a lower activation peak when the schedule solver finds one (validated as a
     topological order of the FX graph), then re-capture so the arena is planned on the new order."""
-    from memopt.reorder import reorder_graph
+    from memopt.passes.reorder import reorder_graph
     from memopt.solvers.schedule import solve_schedule
 
     graph = analysis.to_memgraph()
@@ -264,7 +264,7 @@ def _decisions(before: Captured, fwd: Captured, gen: Captured | None, weights: d
     named as in the programs (`model.model.layers.1`); rows come block by block in graph order."""
     from memopt.kv import kv_config_from_json
     from memopt.passes.offload import block_of
-    from memopt.plan_check import LAYER_INDEX, kv_policy_spec
+    from memopt.emit.plan_check import LAYER_INDEX, kv_policy_spec
 
     known = list(dict.fromkeys(block_of(n) for n in before.exported.state_dict))
     rows: dict[str, dict] = {layer: {"weight_format": r["format"], "bytes": r["bytes"]} for layer, r in weights.items()}
@@ -371,7 +371,7 @@ def _stage_capture(st: _State) -> None:
 
 def _stage_budget(st: _State) -> None:
     """Solve the budget ILP; its formats, host blocks, host caches and KV bits become passes."""
-    from memopt.budget import plan_budget
+    from memopt.planning.budget import plan_budget
     from memopt.passes.quant_config import parse_quantize_spec
 
     cfg = st.config
@@ -518,7 +518,7 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, con
     says what to do. `calibration` (GPTQ and outlier formats): a text file path or a list of texts for a
     model with a tokenizer (default: the bundled calibration text), or a list of args tuples for the model
     (default: its example inputs)."""
-    from memopt.plan_check import check_plan
+    from memopt.emit.plan_check import check_plan
 
     if config is None:
         texts = calibration if isinstance(calibration, (str, Path)) or (

@@ -204,7 +204,7 @@ def channels_last_convs(graph: fx.Graph) -> list[fx.Node]:
 
 # ---------------------------------------------------------------- which op may write over which input
 def _aliases_first(node: fx.Node) -> bool:
-    from memopt.analysis import _aliases_input
+    from memopt.analysis.accounting import _aliases_input
 
     return node.op == "call_function" and node.target is not operator.getitem and _aliases_input(node)
 

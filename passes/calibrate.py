@@ -4,7 +4,7 @@ An `torch.fx.Interpreter` watches chosen `aten.linear` nodes and accumulates, pe
 statistics that weight quantizers need: mean |x| per input channel (AWQ-style saliency), optionally
 the Gram matrix X^T X (the GPTQ Hessian up to a factor) and a sample of input rows (for per-layer
 error measurements). Shapes: x `[rows, K]` after flattening the leading dimensions. When the inputs
-carry token masks (`memopt.calibration.CalibrationSet.masks`, bool `[batch, seq]`), an activation whose
+carry token masks (`memopt.frontend.calibration.CalibrationSet.masks`, bool `[batch, seq]`), an activation whose
 leading dimensions are `[batch, seq]` keeps only the masked-in rows: padding does not count.
 """
 

@@ -11,7 +11,7 @@ The pass replaces each such group by one `memopt::kv_attend(q, k_new, v_new, [st
 by the analysis), and deletes the full-size buffers, so the memory really drops. The policy comes from
 the constructor (`KVCachePolicy`, `PerHeadKVPolicy` or `PerLayerKVPolicy`) or, when None, from the plan's
 per-layer `kv_policy` strings (`parse_kv_spec`). `gm.meta["memopt_kv"]` records the layouts for
-`memopt.generate` (prefill) and the byte accounting. Keys are cached after RoPE, so evicted caches
+`memopt.serve.generate` (prefill) and the byte accounting. Keys are cached after RoPE, so evicted caches
 need no re-rotation; the decode step's position comes from `cache_position`. A KIVI store of pre-RoPE keys
 (`KIVIConfig.pre_rope`) gets the model's RoPE `inv_freq` from the graph's `rotary_emb.inv_freq` buffer.
 

@@ -43,10 +43,10 @@ from memopt.passes.offload import (
 )
 from torch import fx
 
-from memopt.analysis import BLOCK_NAME
+from memopt.analysis.accounting import BLOCK_NAME
 from memopt.names import KV_NAME
 from memopt.runtime.offload_ops import KV_PREFETCH, KV_WAIT, KV_WRITEBACK
-from memopt.units import fmt_bytes
+from memopt.frontend.units import fmt_bytes
 
 CONFIG_VERSION = 1
 KV_HOST_PREFIX = HOST_PREFIX + "kv"

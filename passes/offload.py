@@ -32,10 +32,10 @@ import torch
 from memopt.passes.base import Pass, PassResult
 from torch import fx
 
-from memopt.analysis import BLOCK_NAME
+from memopt.analysis.accounting import BLOCK_NAME
 from memopt.names import HOST_PREFIX, SLOT_PREFIX
 from memopt.runtime.offload_ops import PREFETCH, WAIT
-from memopt.units import fmt_bytes
+from memopt.frontend.units import fmt_bytes
 
 CONFIG_VERSION = 1
 ALIGN_BYTES = 256

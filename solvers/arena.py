@@ -27,7 +27,7 @@ from itertools import accumulate
 
 import pulp
 
-from memopt.plan import ArenaPlan
+from memopt.planning.plan import ArenaPlan
 from memopt.solvers.arena_greedy import (DEFAULT_KINDS, _best_greedy, _fixed_top, _greedy_offsets, _Items, _items,
                                          _lower_bound, _plan, _top_bytes, greedy_arena, no_reuse_bytes,
                                          verify_arena)

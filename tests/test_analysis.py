@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 
-from memopt.analysis import analyze
+from memopt.analysis.accounting import analyze
 from memopt.capture import capture
-from memopt.sources import preset_config, resolve_source
+from memopt.frontend.sources import preset_config, resolve_source
 
 
 def llama_param_count(c: dict) -> int:
@@ -149,7 +149,7 @@ def test_inspect_plot_and_table(tmp_path):
 
 
 def test_inspect_file_factory_and_cnn():
-    from memopt.inspect import inspect_model
+    from memopt.analysis.inspect import inspect_model
 
     here = os.path.dirname(__file__)
     r = inspect_model(f"{here}/models.py:cnn_factory", target="t4")

@@ -81,7 +81,7 @@ def test_compile_cli_writes_artifact_and_reloads(tmp_path):
     assert d["arena"]["size_bytes"] >= d["arena"]["lower_bound_bytes"] > 0
     assert {"plan.json", "program.pt2", "manifest.json"} <= {p.name for p in out.iterdir()}
     # a fresh process loads it without the model's code and gets the same outputs
-    code = ("import torch, memopt.artifact as A; from memopt.sources import resolve_source;"
+    code = ("import torch, memopt.emit.artifact as A; from memopt.frontend.sources import resolve_source;"
             f"m = A.load({str(out)!r}); ids = torch.randint(3, 1000, (1, 32), generator=torch.Generator().manual_seed(1));"
             "ref = resolve_source('demo').traceable()(ids);"
             "print(float((m(ids) - ref).abs().max()))")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memopt.artifact import ArtifactError, load, save
+from memopt.emit.artifact import ArtifactError, load, save
 from memopt.pipeline import compile_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -83,7 +83,7 @@ def test_generation_program_round_trip(compiled):
 def test_int4_saved_after_running_stores_the_canonical_layout(tmp_path):
     """The CPU int4 kernel rewrites a weight's layout in place on its first call; the forward and
     generation programs share that tensor, and save/ONNX must still write the canonical bytes."""
-    from memopt.onnx_export import run_onnx
+    from memopt.emit.onnx_export import run_onnx
 
     fresh = compile_model("demo", seq=16, quantize="int4:g32", passes=())
     used = compile_model("demo", seq=16, quantize="int4:g32", passes=())
@@ -103,7 +103,7 @@ def test_int4_saved_after_running_stores_the_canonical_layout(tmp_path):
 
 @pytest.mark.parametrize("model, quantize, atol", ONNX_CASES)
 def test_onnx_runtime_matches_pytorch(model, quantize, atol, compiled):
-    from memopt.onnx_export import run_onnx
+    from memopt.emit.onnx_export import run_onnx
 
     result, out = compiled(model, quantize)
     args = result.captured.example_inputs
@@ -172,7 +172,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("memopt.artifact._write_weights", boom)
+    monkeypatch.setattr("memopt.emit.artifact._write_weights", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         save(result.module, target, programs=result.programs)
     assert not target.exists() and not list(tmp_path.iterdir())
@@ -202,9 +202,9 @@ def test_bad_kv_policy_fails_before_capture():
 
 @pytest.mark.slow  # an int4 + offload compile: 6-19 s
 def test_to_device_keeps_outputs_shared_weights_and_host_buffers():
-    """`memopt.placement.to_device` (here to the CPU it is already on: the moves are real calls, the
+    """`memopt.emit.device.to_device` (here to the CPU it is already on: the moves are real calls, the
     results must not change) keeps one copy of each shared weight and leaves offloaded buffers on the host."""
-    from memopt.placement import to_device
+    from memopt.emit.device import to_device
 
     r = compile_model("demo", seq=32, quantize="int4:g32", offload=["model.layers.1"], offload_kv=[0])
     ids, prompt = r.captured.example_inputs[0], torch.tensor([[5, 17, 99, 4]])
@@ -223,8 +223,8 @@ def test_to_device_keeps_outputs_shared_weights_and_host_buffers():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_load_on_cuda_fits_the_budget(tmp_path):
     """A budget plan on the GPU: measured peak (torch.cuda.max_memory_allocated) within the budget."""
-    from memopt.measure import cuda_peak_bytes
-    from memopt.units import parse_bytes
+    from memopt.eval.measure import cuda_peak_bytes
+    from memopt.frontend.units import parse_bytes
 
     r = compile_model("demo", seq=64, budget="3MiB", target="custom:mem=4GiB,bw=100GB/s")
     out = save(r.module, tmp_path / "fit", programs=r.programs)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-import memopt.inspect
+import memopt.analysis.inspect
 import memopt.pipeline
 from memopt.cli import main
 
@@ -77,7 +77,7 @@ def no_capture(monkeypatch):
         raise AssertionError("capture ran: this bad input was not refused up front")
 
     monkeypatch.setattr(memopt.pipeline, "capture", tripwire)
-    monkeypatch.setattr(memopt.inspect, "capture", tripwire)
+    monkeypatch.setattr(memopt.analysis.inspect, "capture", tripwire)
 
 
 # (id, argv with {d} = the bad-inputs folder, text the one line must contain)

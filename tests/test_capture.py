@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from memopt.capture import CaptureError, capture
-from memopt.sources import ModelSource
+from memopt.frontend.sources import ModelSource
 
 
 def test_prefill_graph_matches_eager(demo_source):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import memopt.runtime  # noqa: F401  (registers the memopt:: ops)
-from memopt.generate import reset_cache
+from memopt.serve.generate import reset_cache
 from memopt.kv.layout import Layout, layouts_to_str
 from memopt.passes.arena import ARENA_ATTR
 from memopt.pipeline import compile_model

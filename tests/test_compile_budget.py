@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from memopt.pipeline import compile_model
-from memopt.units import parse_bytes
+from memopt.frontend.units import parse_bytes
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
 
@@ -67,8 +67,8 @@ def test_compiled_module_fits_its_budget():
 
 
 def test_budget_plan_compresses_the_kv_cache_it_priced():
-    from memopt.budget import plan_budget
-    from memopt.plan_check import LAYER_INDEX
+    from memopt.planning.budget import plan_budget
+    from memopt.emit.plan_check import LAYER_INDEX
 
     result = compile_model("demo", seq=256, budget="3MiB", target="custom:mem=4GiB,bw=100GB/s")
     planned = result.plan.predictions["budget"]
@@ -108,13 +108,13 @@ def test_decoder_programs_share_their_quantized_weights(quantize):
 def test_budget_plan_with_16_bit_kv_generates_one_token_per_call():
     """A generous budget keeps the KV cache at 16 bits: no KV pass, and the generation program (captured
     for one token per call) still serves a multi-token prompt."""
-    from memopt.runner import tokens_per_call
+    from memopt.serve.decode_program import tokens_per_call
 
     result = compile_model("demo", seq=64, budget="1GiB", target="custom:mem=4GiB,bw=100GB/s")
     assert "kv" not in result.plan.pass_configs and tokens_per_call(result.module.generator) == 1
     prompt = torch.tensor([[5, 17, 99, 4, 8, 21]])
     ref = result.module.generator
-    from memopt.generate import generate as step_by_step
+    from memopt.serve.generate import generate as step_by_step
 
     want = step_by_step(ref, prompt, 4)
     assert torch.equal(result.module.generate(prompt, 4), want)

@@ -1,6 +1,6 @@
 """The decode-speed paths compute what the plain paths compute: the CPU int4 kernel's layout on every ATen
 capability, `memopt::cache_attend` (a static cache read up to the written slots, grouped heads in place),
-`memopt.runner.decode_program`, a compressed cache prefilled from a whole prompt in one call, and
+`memopt.serve.decode_program.decode_program`, a compressed cache prefilled from a whole prompt in one call, and
 `kv_ops.attend_fast` against the general decode step."""
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 from memopt.capture import capture
-from memopt.generate import generate
+from memopt.serve.generate import generate
 from memopt.kv.layout import layouts_to_str
 from memopt.kv.policy import parse_kv_spec
 from memopt.passes.kv import KVCompressionPass
-from memopt.runner import decode_program
+from memopt.serve.decode_program import decode_program
 from memopt.runtime import kv_ops
 from memopt.runtime import quant_ops as qops
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from memopt import evaluate
-from memopt.evaluate import (
+from memopt.eval import evaluate
+from memopt.eval.evaluate import (
     greedy_generate,
     heldout_text,
     passkey_accuracy,
@@ -149,10 +149,10 @@ def test_quality_table():
 
 
 def test_main_prints_a_table(monkeypatch, capsys):
-    import memopt.gguf
+    import memopt.frontend.gguf
 
-    monkeypatch.setattr(memopt.gguf, "load_gguf_model", lambda path: (tiny_llama(0), ByteTokenizer()))
-    monkeypatch.setattr(memopt.gguf, "smollm2_path", lambda: "smollm2.gguf")
+    monkeypatch.setattr(memopt.frontend.gguf, "load_gguf_model", lambda path: (tiny_llama(0), ByteTokenizer()))
+    monkeypatch.setattr(memopt.frontend.gguf, "smollm2_path", lambda: "smollm2.gguf")
     evaluate.main(["--model", "smollm2", "--tokens", "400", "--samples", "1"])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "| model | tokens | perplexity | passkey_accuracy |"

@@ -21,9 +21,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memopt.analysis import analyze
+from memopt.analysis.accounting import analyze
 from memopt.capture import CaptureError, capture
-from memopt.inspect import inspect_model
+from memopt.analysis.inspect import inspect_model
 from memopt.kv import parse_kv_spec
 from memopt.kv.layout import Layout, layouts_to_str
 from memopt.passes.kv import KVCompressionPass
@@ -31,7 +31,7 @@ from memopt.passes.quant_config import Int4WeightConfig, Int8WeightConfig
 from memopt.passes.quantize import QuantizePass, weight_sites
 from memopt.pipeline import compile_model
 from memopt.runtime import kv_ops
-from memopt.sources import ModelSource, SourceError, resolve_source
+from memopt.frontend.sources import ModelSource, SourceError, resolve_source
 
 transformers = pytest.importorskip("transformers")
 
@@ -259,9 +259,9 @@ def test_kv_attend_keeps_the_sliding_window_and_soft_cap(layout, window, softcap
 
 
 def test_compressed_prefill_through_the_eager_model_keeps_window_and_soft_cap(family):
-    """`memopt.generate.generate(..., model=)` prefills through the eager model's own attention (Gemma-2's
+    """`memopt.serve.generate.generate(..., model=)` prefills through the eager model's own attention (Gemma-2's
     soft-capped eager function, its sliding-window mask) over a prompt longer than the window."""
-    from memopt.generate import generate
+    from memopt.serve.generate import generate
 
     _, eager, compile_ = family("gemma2")
     gm = compile_(kv=KV_SPEC).module.generator

@@ -12,7 +12,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
-from memopt.gguf import (  # noqa: E402
+from memopt.frontend.gguf import (  # noqa: E402
     SMOLLM2_INSTALL,
     gguf_to_hf_config,
     kv_cache_bytes,

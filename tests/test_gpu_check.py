@@ -72,7 +72,7 @@ def test_a_step_that_raises_is_a_failure_not_the_end(gc):
 
 
 def test_tiny_model_dir_resolves(gc, tiny_dir):
-    from memopt.sources import resolve_source
+    from memopt.frontend.sources import resolve_source
 
     directory, info = tiny_dir
     assert {p.name for p in directory.iterdir()} == {"config.json", "model.safetensors"}
@@ -95,7 +95,7 @@ def test_budget_choice_offloads_weights_and_kv(gc, tiny_dir):
 
 
 def test_offload_only_planner_is_restored(gc):
-    import memopt.budget as mb
+    import memopt.planning.budget as mb
 
     original = mb.plan_budget
     with gc.offload_only_planner():

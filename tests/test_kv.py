@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memopt.capture import capture
-from memopt.generate import generate, teacher_forced_logits
+from memopt.serve.generate import generate, teacher_forced_logits
 from memopt.kv import (
     H2OConfig,
     HeadGroup,
@@ -392,7 +392,7 @@ def test_pre_rope_store_uses_the_models_rotary_frequencies(demo_source, demo_dec
 
 
 def test_plan_decisions_choose_per_layer_bits(demo_decode):
-    from memopt.plan import LayerDecision, Plan
+    from memopt.planning.plan import LayerDecision, Plan
 
     plan = Plan(decisions=(LayerDecision("model.layers.0", kv_policy="kivi:4"),
                            LayerDecision("model.layers.3", kv_policy="kivi:k4v2:g16:r16")))
@@ -417,7 +417,7 @@ def smollm2(smollm2_source):
 
 @pytest.fixture(scope="module")
 def smollm2_text_ids(smollm2):
-    from memopt.evaluate import heldout_text
+    from memopt.eval.evaluate import heldout_text
 
     return smollm2.tokenizer(heldout_text(n_chars=8000), return_tensors="pt").input_ids[:, :1024]
 

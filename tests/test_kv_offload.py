@@ -16,11 +16,11 @@ from memopt.capture import capture
 from memopt.passes.kv_offload import (KV_HOST_PREFIX, KV_SLOT_PREFIX, KVOffloadConfig, KVOffloadPass,
                                       check_kv_schedule, kv_device_bytes, kv_transfer_schedule)
 from memopt.passes.offload import OffloadConfig, OffloadPass, offloaded_device_bytes
-from memopt.plan import LayerDecision, Plan
+from memopt.planning.plan import LayerDecision, Plan
 from memopt.runtime.offload_ops import KV_PREFETCH, KV_WAIT, KV_WRITEBACK
-from memopt.solvers.budget import (BudgetInfeasible, BudgetProblem, KVOption, LayerOptions, WeightOption,
+from memopt.solvers.budget_ilp import (BudgetInfeasible, BudgetProblem, KVOption, LayerOptions, WeightOption,
                                    greedy_budget, solve_budget)
-from memopt.sources import ModelSource
+from memopt.frontend.sources import ModelSource
 
 CACHE = 16
 MIB = 2**20
@@ -210,7 +210,7 @@ def test_unknown_layer_and_wrong_graph(demo_source, demo_decode):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_streams_the_cache_from_pinned_host():
     from memopt.runtime.offload_ops import flush_kv_writebacks
-    from memopt.sources import resolve_source
+    from memopt.frontend.sources import resolve_source
 
     src = resolve_source("demo")
     src.model.to("cuda")
@@ -318,9 +318,9 @@ def test_ilp_with_kv_placement_matches_brute_force_and_beats_greedy(prob):
 
 @pytest.mark.parametrize("gib", [24, 20, 16, 12])
 def test_plan_with_host_kv_never_exceeds_the_budget(gib):
-    from memopt import cost
-    from memopt.budget import format_budget_table, plan_budget
-    from memopt.targets import get_target
+    from memopt.planning import cost
+    from memopt.planning.budget import format_budget_table, plan_budget
+    from memopt.frontend.targets import get_target
 
     plan = plan_budget("llama-3-8b", target="rtx-4090", seq=131072, batch=8, budget_bytes=gib * 2**30, kv_host=True,
                        strict=False)
@@ -340,7 +340,7 @@ def test_plan_with_host_kv_never_exceeds_the_budget(gib):
 
 
 def test_kv_host_is_off_by_default_and_round_trips():
-    from memopt.budget import BudgetConfig, plan_budget
+    from memopt.planning.budget import BudgetConfig, plan_budget
 
     with pytest.raises(BudgetInfeasible):
         plan_budget("llama-3-8b", target="rtx-4090", seq=131072, batch=8)

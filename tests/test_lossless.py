@@ -13,7 +13,7 @@ import memopt.runtime.dfloat11 as df11
 from memopt.passes.lossless import LosslessPass, decompress_lossless, lossless_ratio
 from memopt.passes.quant_config import LosslessConfig
 from memopt.passes.quantize import QuantizePass, quantized_weight_bytes
-from memopt.sources import EncoderOutput
+from memopt.frontend.sources import EncoderOutput
 
 
 def roundtrip(w: torch.Tensor, block_size: int = 512, max_code_bits: int = 16) -> tuple[torch.Tensor, dict]:

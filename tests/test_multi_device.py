@@ -12,13 +12,13 @@ import json
 import math
 
 import pytest
-from memopt.solvers.budget import KVOption, LayerOptions, WeightOption
-from memopt.solvers.split import SplitInfeasible, SplitProblem, Stage, solve_split
+from memopt.solvers.budget_ilp import KVOption, LayerOptions, WeightOption
+from memopt.solvers.split_ilp import SplitInfeasible, SplitProblem, Stage, solve_split
 
-from memopt import cost
-from memopt.budget import format_budget_table, plan_budget
-from memopt.split import plan_split
-from memopt.targets import get_target, parse_cluster
+from memopt.planning import cost
+from memopt.planning.budget import format_budget_table, plan_budget
+from memopt.planning.split import plan_split
+from memopt.frontend.targets import get_target, parse_cluster
 
 GIB = 2**30
 

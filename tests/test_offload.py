@@ -9,7 +9,7 @@ import torch
 
 from memopt.passes.offload import (HOST_PREFIX, SLOT_PREFIX, OffloadConfig, OffloadPass, check_schedule,
                                    offloaded_device_bytes, transfer_schedule)
-from memopt.plan import LayerDecision, Plan
+from memopt.planning.plan import LayerDecision, Plan
 from memopt.runtime.offload_ops import PREFETCH, WAIT
 
 OFFLOADED = ("model.model.layers.1", "model.model.layers.2", "model.model.layers.3")
@@ -184,7 +184,7 @@ def test_offload_after_int8_quantization(demo):
 def test_cuda_streams_from_pinned_host():
     """Weights on the GPU, offloaded to pinned host memory; copies on a side stream overlap compute."""
     from memopt.capture import capture
-    from memopt.sources import resolve_source
+    from memopt.frontend.sources import resolve_source
 
     src = resolve_source("demo")
     src.model.to("cuda")

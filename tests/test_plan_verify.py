@@ -8,7 +8,7 @@ import pytest
 
 from memopt.kv import HeadGroup, KVCachePolicy, PerHeadKVPolicy, parse_kv_spec
 from memopt.pipeline import compile_model
-from memopt.plan_check import LAYER_INDEX, check_plan, kv_policy_spec, verify_plan
+from memopt.emit.plan_check import LAYER_INDEX, check_plan, kv_policy_spec, verify_plan
 
 SMALL = dict(seq=16, max_cache=64)
 BUDGET = dict(target="custom:mem=4GiB,bw=100GB/s")
@@ -143,7 +143,7 @@ def _overlapping(result):
 @pytest.mark.slow
 def test_report_renders_the_plan(compiled, tmp_path):
     pytest.importorskip("matplotlib")
-    from memopt.report import write_report
+    from memopt.emit.report import write_report
 
     result = compiled("int8+offload+kivi+kv_offload")
     write_report(result, tmp_path)

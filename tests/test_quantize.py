@@ -10,13 +10,13 @@ import torch
 from conftest import TinyMLP, tiny_llama
 
 import memopt.runtime.quant_ops as qops
-from memopt.calibration import default_texts, text_calibration
+from memopt.frontend.calibration import default_texts, text_calibration
 from memopt.passes.quant_config import (ACCEPTED_SPECS, Int4WeightConfig, Int8WeightConfig, LosslessConfig,
                                         config_from_json, parse_quantize_spec)
 from memopt.passes.quantize import QuantizePass, quantized_weight_bytes
-from memopt.plan import LayerDecision, Plan
-from memopt.sensitivity import layer_sensitivity, load_sensitivity, save_sensitivity, weight_bytes
-from memopt.sources import EncoderOutput
+from memopt.planning.plan import LayerDecision, Plan
+from memopt.analysis.sensitivity import layer_sensitivity, load_sensitivity, save_sensitivity, weight_bytes
+from memopt.frontend.sources import EncoderOutput
 
 
 def sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memopt.artifact import ArtifactError, load, save, verify
+from memopt.emit.artifact import ArtifactError, load, save, verify
 from memopt.cli import main
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}

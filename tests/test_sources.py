@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from memopt.sources import SourceError, preset_names, resolve_source
+from memopt.frontend.sources import SourceError, preset_names, resolve_source
 
 HERE = Path(__file__).parent
 REQUIRED_PRESETS = ["llama-3-8b", "llama-2-7b", "mistral-7b", "qwen2.5-7b", "qwen2.5-0.5b", "gpt2", "bert-base"]

@@ -1,7 +1,7 @@
 import pytest
 
-from memopt.targets import get_target, target_names
-from memopt.units import parse_bytes, parse_rate
+from memopt.frontend.targets import get_target, target_names
+from memopt.frontend.units import parse_bytes, parse_rate
 
 REQUIRED = ["h100-80gb", "h200", "a100-40gb", "a100-80gb", "l4", "t4", "rtx-3090", "rtx-4090", "cpu"]
 

@@ -8,11 +8,11 @@
     KVCachePolicy, PerHeadKVPolicy, PerLayerKVPolicy   composition (policy.py)
     retrieval-head calibration and DuoAttention policies (duo.py), byte budgets (budget.py)
 
-`memopt.passes.kv.KVCompressionPass` applies a policy to a captured decode step; `memopt.generate`
+`memopt.passes.kv.KVCompressionPass` applies a policy to a captured decode step; `memopt.serve.generate`
 runs it (prefill + decode).
 """
 
-from memopt.kv.budget import fit_tokens
+from memopt.kv.token_budget import fit_tokens
 from memopt.kv.config import KV_CONFIG_VERSION, kv_config_from_json
 from memopt.kv.h2o import H2OConfig
 from memopt.kv.kivi import KIVIConfig

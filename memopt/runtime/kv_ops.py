@@ -22,7 +22,7 @@ un-rotates a block's keys at its positions before quantizing and re-rotates them
 Registered with `torch.library` (a fake kernel included), so a graph calling it still exports.
 
 `memopt::cache_attend` is the uncompressed (static) cache's attention as generation runs it
-(`memopt.runner.decode_program`): over the slots written so far, grouped-query heads read in place.
+(`memopt.serve.decode_program.decode_program`): over the slots written so far, grouped-query heads read in place.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def kv_attend(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], pos: Tensor,
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], pos: Tensor, layouts: str, scale: float) -> Tensor:
-    """`memopt::kv_attend` as a plain function, which `memopt.runner.decode_program` calls without the
+    """`memopt::kv_attend` as a plain function, which `memopt.serve.decode_program.decode_program` calls without the
     dispatcher's Python layers (~90 us a call with a layer's list of state tensors)."""
     n = int(pos.reshape(-1)[0])
     groups = split_state(layouts, state)

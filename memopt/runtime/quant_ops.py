@@ -337,7 +337,7 @@ def linear_int8(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tenso
 
 def int8_linear(x: Tensor, qweight: Tensor, scales: Tensor, bias: Optional[Tensor] = None,
                 act_int8: bool = False) -> Tensor:
-    """`memopt::linear_int8` as a plain function, which `memopt.runner.decode_program` calls without the
+    """`memopt::linear_int8` as a plain function, which `memopt.serve.decode_program.decode_program` calls without the
     dispatcher's Python layers."""
     n, k = qweight.shape
     x2 = x.reshape(-1, k)

@@ -3,7 +3,7 @@
 Input: a `BudgetProblem` of plain numbers. Each layer lists weight options (format x placement, with
 device bytes, prefetch-buffer bytes, compute and host-transfer seconds and a quality penalty) and KV
 options (bits x placement, with device bytes, staging bytes, compute and host-transfer seconds, penalty);
-the caller computes them (memopt/cost.py does, for transformers). The solver knows only this algebra:
+the caller computes them (memopt/planning/cost.py does, for transformers). The solver knows only this algebra:
 
   layer time   = max(weight compute_s + KV compute_s, weight transfer_s + KV transfer_s)   (streamed
                  weights and a host-resident KV cache are prefetched one layer ahead over the one host
@@ -33,8 +33,8 @@ from dataclasses import dataclass, field, replace
 
 import pulp
 
-from memopt.plan import SolverReport
-from memopt.units import fmt_bytes
+from memopt.planning.plan import SolverReport
+from memopt.frontend.units import fmt_bytes
 
 WEIGHT_FORMATS = ("bf16", "int8", "int4:g64", "lossless")
 PLACEMENTS = ("device", "host")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from memopt.artifact import ArtifactError, load, load_plan
+from memopt.emit.artifact import ArtifactError, load, load_plan
 
 
 def _example_inputs(plan, directory: Path) -> tuple:
     """Inputs of the compiled shape, read from the plan (random token ids / values, seeded)."""
-    from memopt.program_io import DTYPES
+    from memopt.emit.program_io import DTYPES
 
     spec = plan.inputs
     if not spec:
@@ -75,7 +75,7 @@ def run_artifact(directory: str, *, prompt: str | None = None, inputs: str | Non
     args = _read_inputs(inputs) if inputs else _example_inputs(plan, directory_p)
     t0 = time.perf_counter()
     if engine == "onnx":
-        from memopt.artifact import read_onnx
+        from memopt.emit.artifact import read_onnx
 
         outputs = read_onnx(directory_p, key=key)(args)
     else:

@@ -163,7 +163,7 @@ def check_space(directory: Path, need_bytes: int) -> None:
     except OSError:
         return
     if free < need_bytes * 1.05 + (1 << 20):
-        from memopt.units import fmt_bytes
+        from memopt.frontend.units import fmt_bytes
 
         raise OutputError(f"not enough disk space for {str(directory)!r}: the artifact needs about "
                           f"{fmt_bytes(need_bytes)}, {fmt_bytes(free)} free; free some space or choose another -o")

@@ -6,7 +6,7 @@ code, shipped with every Python, never downloaded. Pass-key retrieval follows th
 haystack" test of Mohtashami & Jaggi, *Landmark Attention* (2023): a 5-digit key hidden at a random
 depth of a long filler text, asked for after it; it is what KV-cache eviction loses first.
 
-    python -m memopt.evaluate --model smollm2 --tokens 1000
+    python -m memopt.eval.evaluate --model smollm2 --tokens 1000
 """
 
 from __future__ import annotations
@@ -180,14 +180,14 @@ def _chat_frame(tokenizer) -> tuple[str, str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m memopt.evaluate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m memopt.eval.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2", help="'smollm2' or the path of a .gguf file")
     parser.add_argument("--tokens", type=int, default=1000, help="context length for perplexity and pass key")
     parser.add_argument("--samples", type=int, default=5, help="pass-key prompts")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from memopt.gguf import load_gguf_model, smollm2_path
+    from memopt.frontend.gguf import load_gguf_model, smollm2_path
 
     model, tokenizer = load_gguf_model(smollm2_path() if args.model == "smollm2" else args.model)
     text = heldout_text(n_chars=8 * args.tokens)

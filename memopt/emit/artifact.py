@@ -14,10 +14,10 @@
 An artifact is untrusted input. Loading reads only files the manifest lists, under names memopt
 writes, each checked against its SHA-256 (small files are hashed and parsed from the same bytes); it
 never unpickles, evaluates or imports anything from the artifact: programs are rebuilt from checked
-JSON (`memopt.program_io`), tensors come from safetensors, the tokenizer loads without remote code.
+JSON (`memopt.emit.program_io`), tensors come from safetensors, the tokenizer loads without remote code.
 The manifest's hashes guard against corruption; against an adversary who can rewrite the whole
 directory, sign the manifest (`key=`) and verify with the same key. Written to a temporary sibling
-and swapped into place atomically (`memopt.outdir`), so DIR always holds a complete artifact.
+and swapped into place atomically (`memopt.emit.outdir`), so DIR always holds a complete artifact.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 
-from memopt.module import assemble  # noqa: F401  (memopt.artifact.assemble: re-exported)
+from memopt.emit.module import assemble  # noqa: F401  (memopt.emit.artifact.assemble: re-exported)
 from memopt.names import is_state
-from memopt.outdir import (
+from memopt.emit.outdir import (
     FORMAT,
     MANIFEST,
     check_output,
@@ -45,9 +45,9 @@ from memopt.outdir import (
     swap_in,
     write_error,
 )
-from memopt.plan import PLAN_SCHEMA_VERSION, Plan
-from memopt.program_io import DTYPES, ProgramError, Zeros, dump_program
-from memopt.program_io import load_program as _load_program_blob
+from memopt.planning.plan import PLAN_SCHEMA_VERSION, Plan
+from memopt.emit.program_io import DTYPES, ProgramError, Zeros, dump_program
+from memopt.emit.program_io import load_program as _load_program_blob
 
 SIGNATURE = "manifest.sig"
 PROGRAMS = ("program", "generate")
@@ -183,11 +183,11 @@ def save(opt_module, directory: str | os.PathLike, *, programs: dict | None = No
         if tokenizer is not None:
             _save_tokenizer(tokenizer, tmp / "tokenizer")
         if onnx:
-            from memopt.onnx_export import export_onnx
+            from memopt.emit.onnx_export import export_onnx
 
             export_onnx(programs["program"], tmp / "model.onnx")
         if report is not None:
-            from memopt.report import write_report
+            from memopt.emit.report import write_report
 
             write_report(report, tmp)
         files = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
@@ -444,7 +444,7 @@ def read_onnx(directory: str | os.PathLike, *, key: bytes | None = None):
     external data files) and uses only standard and ONNX Runtime contrib operator domains."""
     import onnx
 
-    from memopt.onnx_export import run_onnx
+    from memopt.emit.onnx_export import run_onnx
 
     directory = Path(directory)
     files = verify(directory, key=key)["files"]
@@ -474,7 +474,7 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None,
     """Load an artifact as an OptimizedModule (with `.generator` for decoders), re-applying the arena;
     `device` (e.g. "cuda") moves it there, host-offloaded buffers staying in pinned host memory. `key`:
     the manifest must carry a valid signature under it."""
-    from memopt.placement import check_device
+    from memopt.emit.device import check_device
 
     target = check_device(device) if device is not None else None  # a bad device fails before any loading
     directory = Path(directory)
@@ -493,7 +493,7 @@ def load(directory: str | os.PathLike, device: str | torch.device | None = None,
     tokenizer = _load_tokenizer(directory, files) if any(n.startswith("tokenizer/") for n in files) else None
     module = assemble(plan, programs, tokenizer, {"loaded_from": str(directory)})
     if target is not None and target != torch.device("cpu"):
-        from memopt.placement import to_device
+        from memopt.emit.device import to_device
 
         module = to_device(module, target)
     return module

@@ -45,7 +45,7 @@ class LayerDecision:
     decision), or both (`model.lm_head`). A block's `weight_format` is the one format of its quantized
     weights ("native" when none is, "mixed" when they differ: their own rows say which). A weight or block
     without a row is native, on the device, with a full KV cache on the device. `kv_policy` is the full
-    `parse_kv_spec` string (`kivi:k4v2:g32:r128`, `streaming:4:28`, `full`). `memopt.plan_check.verify_plan`
+    `parse_kv_spec` string (`kivi:k4v2:g32:r128`, `streaming:4:28`, `full`). `memopt.emit.plan_check.verify_plan`
     reads the programs back against these rows."""
 
     name: str

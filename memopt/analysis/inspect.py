@@ -6,11 +6,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from memopt.analysis import Analysis, analyze
+from memopt.analysis.accounting import Analysis, analyze
 from memopt.capture import capture
-from memopt.sources import ModelSource, resolve_source
-from memopt.targets import Target, get_target
-from memopt.units import fmt_bytes
+from memopt.frontend.sources import ModelSource, resolve_source
+from memopt.frontend.targets import Target, get_target
+from memopt.frontend.units import fmt_bytes
 
 
 @dataclass

@@ -1,21 +1,21 @@
 """Several devices: one plan that splits a model across them, from the cost model and the split ILP.
 
     plan = plan_split("llama-3-70b", target="4x(rtx-4090)", seq=32768)
-    print(format_budget_table(plan))          # memopt.budget: a per-device table for such a plan
+    print(format_budget_table(plan))          # memopt.planning.budget: a per-device table for such a plan
 
-The split ILP (solvers/split.py) chooses, together with every layer's weight format, placement and KV
-bits (the budget planner's options, memopt/budget.py), a pipeline split: contiguous layer ranges, one per
+The split ILP (solvers/split_ilp.py) chooses, together with every layer's weight format, placement and KV
+bits (the budget planner's options, memopt/planning/budget.py), a pipeline split: contiguous layer ranges, one per
 stage, the embedding on the first and the LM head on the last, each device under its own budget (its
 layers' weights and KV cache, its activation arena, its pipeline send/receive buffers and any prefetch
 buffers). The tensor-parallel degree t (devices of one node that share every layer of a stage, Megatron-LM
 style: heads, KV heads, MLP columns and vocabulary split t ways) is tried for every divisor of the devices
 per node that also divides the KV heads; each t is one ILP over D / t stages, and the best objective wins,
-so t > 1 is kept only where it pays. Priced communication (memopt/cost.py, links from data/targets.json):
+so t > 1 is kept only where it pays. Priced communication (memopt/planning/cost.py, links from data/targets.json):
 per tensor-parallel block two all-reduces of the hidden states (after attention, after the MLP), the
 vocabulary-parallel embedding's all-reduce and the LM head's all-gather, and between stages one send of
 the hidden states per step over NVLink, PCIe or the network between nodes.
 
-One device: `plan_split` is `memopt.budget.plan_budget`, unchanged.
+One device: `plan_split` is `memopt.planning.budget.plan_budget`, unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import math
 import time
 from dataclasses import dataclass, replace
 
-from memopt import cost
-from memopt.budget import (
+from memopt.planning import cost
+from memopt.planning.budget import (
     LAM_FACTOR,
     BudgetConfig,
     BudgetPlan,
@@ -36,10 +36,10 @@ from memopt.budget import (
     _shape_of,
     plan_budget,
 )
-from memopt.cost import FORMATS, KV_BITS, KVPolicy, LayerWeights, ModelShape
-from memopt.plan import SolverReport
-from memopt.solvers.budget import LayerOptions
-from memopt.solvers.split import (
+from memopt.planning.cost import FORMATS, KV_BITS, KVPolicy, LayerWeights, ModelShape
+from memopt.planning.plan import SolverReport
+from memopt.solvers.budget_ilp import LayerOptions
+from memopt.solvers.split_ilp import (
     SplitInfeasible,
     SplitProblem,
     SplitResult,
@@ -48,8 +48,8 @@ from memopt.solvers.split import (
     solve_split,
     split_bound,
 )
-from memopt.targets import Cluster, Target, parse_cluster
-from memopt.units import parse_bytes
+from memopt.frontend.targets import Cluster, Target, parse_cluster
+from memopt.frontend.units import parse_bytes
 
 MAX_SEARCH_DEVICES = 1024
 

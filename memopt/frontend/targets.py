@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
-from memopt.units import fmt_rate, parse_bytes, parse_rate
+from memopt.frontend.units import fmt_rate, parse_bytes, parse_rate
 
 MAX_DEVICES = 4096
 _COUNT = re.compile(r"^\s*(\d+)\s*[x×*]\s*(.*)$", re.S)
@@ -120,7 +120,7 @@ def get_target(name: str) -> Target:
             return get_target(m.group(2).strip().removeprefix("(").removesuffix(")"))
         if m or "+" in key:
             raise ValueError(f"target {name!r} names several devices; this needs one (several devices are planned "
-                             "by `memopt compile --plan-only` and memopt.split.plan_split)")
+                             "by `memopt compile --plan-only` and memopt.planning.split.plan_split)")
         raise ValueError(
             f"unknown target {name!r}; choose one of {', '.join(target_names())} "
             "or describe one as custom:mem=24GiB,bw=1TB/s,bf16=165T"

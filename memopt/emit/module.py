@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from memopt.names import HOST_PREFIX
-from memopt.plan import Plan
+from memopt.planning.plan import Plan
 
 
 class OptimizedModule(nn.Module):
@@ -44,22 +44,18 @@ class OptimizedModule(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
         """Greedy new tokens (batch, n) after `input_ids` (batch, prompt_len)."""
-        from memopt.runner import generate
+        from memopt.serve.generate import generate
 
         if self.generator is None:
             raise ValueError(f"{self.plan.model} was not compiled as a decoder LM; it has no generation program")
         input_ids = input_ids.to(_device_of(self.generator))
         _prepare_kernels(self)
         eos = kwargs.pop("eos_token_id", getattr(self.tokenizer, "eos_token_id", None))
-        if "memopt_kv" in self.generator.meta:  # a compressed cache: prefill and decode one token per call
-            from memopt.generate import generate as generate_compressed
-
-            return generate_compressed(self.generator, input_ids, max_new_tokens, eos_token_id=eos)
         return generate(self.generator, input_ids, max_new_tokens, eos_token_id=eos, **kwargs)
 
     def chat(self, prompt: str, max_new_tokens: int = 64) -> str:
         """Generate a reply to `prompt` (chat template applied when the tokenizer has one)."""
-        from memopt.runner import chat_ids
+        from memopt.serve.generate import chat_ids
 
         if self.tokenizer is None:
             raise ValueError(f"{self.plan.model} has no tokenizer; pass token ids to generate() instead")

@@ -27,11 +27,11 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
-from memopt import cost
-from memopt.cost import FORMATS, KV_BITS, KVPolicy, LayerWeights, ModelShape
+from memopt.planning import cost
+from memopt.planning.cost import FORMATS, KV_BITS, KVPolicy, LayerWeights, ModelShape
 from memopt.names import BLOCK_INDEX as _BLOCK_INDEX
-from memopt.plan import LayerDecision, Plan, SolverReport
-from memopt.solvers.budget import (
+from memopt.planning.plan import LayerDecision, Plan, SolverReport
+from memopt.solvers.budget_ilp import (
     OBJECTIVES,
     BudgetDecision,
     BudgetInfeasible,
@@ -41,8 +41,8 @@ from memopt.solvers.budget import (
     WeightOption,
     solve_budget,
 )
-from memopt.targets import Target, get_target
-from memopt.units import fmt_bytes, parse_bytes
+from memopt.frontend.targets import Target, get_target
+from memopt.frontend.units import fmt_bytes, parse_bytes
 
 CONFIG_VERSION = 1
 WEIGHT_PENALTY = {"bf16": 0.0, "lossless": 0.0, "int8": 0.002, "int4:g64": 0.03}
@@ -121,7 +121,7 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class DevicePlan:
-    """One device of a multi-device plan (memopt/split.py): its pipeline stage, its rank in the stage's
+    """One device of a multi-device plan (memopt/planning/split.py): its pipeline stage, its rank in the stage's
     tensor-parallel group, its contiguous range of planned layers (indices into the plan's decisions,
     inclusive) and what it holds. Bytes are this device's own (a tensor-parallel share)."""
 
@@ -170,7 +170,7 @@ class BudgetPlan:
     solver: SolverReport
     planning_s: float
     notes: tuple[str, ...] = field(default_factory=tuple)
-    # several devices (memopt/split.py); empty for one device, whose JSON has none of these keys
+    # several devices (memopt/planning/split.py); empty for one device, whose JSON has none of these keys
     devices: tuple[DevicePlan, ...] = ()
     tensor_parallel: int = 1
     cluster: dict | None = None
@@ -228,7 +228,7 @@ def _shape_of(source) -> ModelShape:
         preset = resources.files("memopt").joinpath(f"data/presets/{key}.json")
         if "/" not in key and preset.is_file():  # the config is all we need: no torch, no model on meta
             return cost.model_shape(json.loads(preset.read_text()), name=key)
-        from memopt.sources import resolve_source
+        from memopt.frontend.sources import resolve_source
 
         source = resolve_source(source, load_weights=False)
     config = getattr(source, "config", source)
@@ -284,7 +284,7 @@ def _weight_penalty(layer: LayerWeights, fmt: str, share: float, sens: dict) -> 
 
 def penalties_from_sqnr(table: dict, source_or_shape) -> dict:
     """Planner penalties `{block name: {format: penalty}}` from a measured `{linear: {format: sqnr_db}}`
-    table (memopt.sensitivity.layer_sensitivity). A block's noise-to-signal ratio 10^(-SQNR/10), averaged
+    table (memopt.analysis.sensitivity.layer_sensitivity). A block's noise-to-signal ratio 10^(-SQNR/10), averaged
     over its linears, relative to the mean over all blocks for that format, scales the default penalty:
     a block k times noisier than average costs k times the default. Keeps the defaults' scale (all-int4
     ~0.03) and the measured ranking. Linears outside numbered blocks (the LM head) map to "lm_head";
@@ -440,7 +440,7 @@ def _runs(decisions) -> list[tuple[str, BudgetDecision, int]]:
 def format_budget_table(plan: BudgetPlan, *, group: bool = True) -> str:
     """Per layer (consecutive identical layers on one line when `group`): format, placement, KV bits and
     KV placement, device bytes; then the predicted peak against the budget, prefill time and decode speed.
-    A multi-device plan (memopt/split.py) prints one row per device first, then each stage's layers."""
+    A multi-device plan (memopt/planning/split.py) prints one row per device first, then each stage's layers."""
     if plan.devices:
         return _format_devices(plan, group=group)
     lines = [f"model    {plan.model}, batch {plan.batch}, seq {plan.seq}, objective {plan.config.objective}",

@@ -19,7 +19,7 @@ def to_device(module, device: str | torch.device):
     """`module` (an OptimizedModule with `.programs`) rebuilt on `device`."""
     from torch.export.passes import move_to_device_pass
 
-    from memopt.module import assemble
+    from memopt.emit.module import assemble
 
     device = check_device(device)
     programs = getattr(module, "programs", None) or {}

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from memopt.units import fmt_bytes, parse_bytes
+from memopt.frontend.units import fmt_bytes, parse_bytes
 
 _SIZES = {"batch": "a batch size", "seq": "a sequence length in tokens", "max_cache": "a KV-cache capacity in tokens"}
 
@@ -39,7 +39,7 @@ def check_specs(*, batch: Any, seq: Any, max_cache: Any, time_limit_s: Any, aren
 
 def _check_formats(quantize: str | None, kv: str | None, offload: Sequence[str], offload_kv: Sequence,
                    calibration: Any) -> None:
-    from memopt.calibration import read_texts
+    from memopt.frontend.calibration import read_texts
     from memopt.kv.policy import parse_kv_spec
     from memopt.passes.kv_offload import KVOffloadConfig
     from memopt.passes.offload import OffloadConfig
@@ -58,7 +58,7 @@ def _check_formats(quantize: str | None, kv: str | None, offload: Sequence[str],
 
 
 def _check_budget(budget: Any, batch: int, seq: int | None, objective: str, max_quality_loss: Any) -> None:
-    from memopt.budget import BudgetConfig
+    from memopt.planning.budget import BudgetConfig
 
     budget_bytes = parse_bytes(budget, what="budget")
     if budget_bytes <= 0:
@@ -138,7 +138,7 @@ def _check_kv(kv: str, cache: int, batch: int, dims: tuple[int, int, int] | None
 
 def _check_offload_kv(src, offload_kv: Sequence) -> None:
     """Each index is a layer of the model and each pattern names one of its blocks."""
-    from memopt.analysis import BLOCK_NAME
+    from memopt.analysis.accounting import BLOCK_NAME
     from memopt.passes.offload import _matches
 
     blocks = sorted({m.group(1) for name, _ in src.model.named_modules() if (m := BLOCK_NAME.match(name))},
@@ -156,7 +156,7 @@ def _check_offload_kv(src, offload_kv: Sequence) -> None:
 
 def _check_cache_memory(src, batch: int, cache: int, dims: tuple[int, int, int] | None) -> None:
     """The generation program holds a static (uncompressed) cache: refuse one this machine cannot allocate."""
-    from memopt.targets import _host_memory_bytes
+    from memopt.frontend.targets import _host_memory_bytes
 
     if dims is None or src.device.type != "cpu":
         return

@@ -2,7 +2,7 @@
 
 Input: a `SplitProblem` of plain numbers. Stages are the pipeline's devices in order (a stage may be a
 tensor-parallel group: its devices hold the same layers, each a share, and the caller prices them so);
-`stage_layers[s][i]` are layer i's options priced on stage s (`LayerOptions` of solvers/budget.py: a
+`stage_layers[s][i]` are layer i's options priced on stage s (`LayerOptions` of solvers/budget_ilp.py: a
 layer's bytes and time differ by device and tensor-parallel degree). The solver picks, per layer, a stage
 and one (weight, KV) pair of that stage's options:
 
@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 import pulp
-from memopt.solvers.budget import (
+from memopt.solvers.budget_ilp import (
     GAP_REL,
     MIB,
     OBJECTIVES,
@@ -44,7 +44,7 @@ from memopt.solvers.budget import (
     _pairs,
 )
 
-from memopt.plan import SolverReport
+from memopt.planning.plan import SolverReport
 
 GIB = 2**30
 

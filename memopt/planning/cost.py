@@ -44,7 +44,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple, Sequence
 
-from memopt.targets import Link, Target
+from memopt.frontend.targets import Link, Target
 
 FORMATS = ("bf16", "int8", "int4:g64", "lossless")
 KV_BITS = (16, 8, 4, 2)

@@ -275,7 +275,7 @@ def _minilm(dtype: torch.dtype | None) -> ModelSource:
 
 
 def _smollm2(dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
-    from memopt import gguf
+    from memopt.frontend import gguf
 
     src = _from_gguf(gguf.smollm2_path(), dtype, load_weights)
     src.name = "smollm2"
@@ -287,7 +287,7 @@ def _smollm2(dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
 
 
 def _from_gguf(path: Path, dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
-    from memopt import gguf
+    from memopt.frontend import gguf
 
     info = gguf.read_gguf_header(path)
     config = gguf.gguf_to_hf_config(info)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from memopt.units import fmt_bytes
+from memopt.frontend.units import fmt_bytes
 
 
 def plot_before_after(result, path: Path) -> None:

@@ -77,7 +77,7 @@ def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, se
         dynamic_shapes = tuple({0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for _ in args)
     else:
         args = source.example_inputs(batch, seq)
-    ep = _linear_matmuls(_aten_grouped_mm(_export(module, args, {}, dynamic_shapes, source)))
+    ep = _drop_detach_(_linear_matmuls(_aten_grouped_mm(_export(module, args, {}, dynamic_shapes, source))))
     seq_len = args[0].shape[1] if source.fixed_inputs is None and args[0].dim() > 1 else 0
     return Captured(ep, phase, source, args, {}, args[0].shape[0] if seq_len else batch, seq_len, 0,
                     dynamic_shapes is not None, [], dynamic_shapes)
@@ -153,7 +153,7 @@ def _capture_decode(source: ModelSource, batch: int, cache_len: int, dynamic: bo
     if dynamic:
         dim = Dim("tokens", min=1, max=cache_len)
         shapes = {"input_ids": {1: dim}, "cache_position": {0: dim}}
-    ep = _linear_matmuls(_aten_grouped_mm(_export(wrapper, (), kwargs, shapes, source)))
+    ep = _drop_detach_(_linear_matmuls(_aten_grouped_mm(_export(wrapper, (), kwargs, shapes, source))))
     if ep.graph.eliminate_dead_code():  # e.g. OPT's unused mask of `past + new` ones, sized by the cache's length
         ep.graph_module.recompile()
     return Captured(ep, "decode", source, (), kwargs, batch, tokens, cache_len, dynamic,
@@ -216,6 +216,21 @@ def _linear_matmuls(ep: ExportedProgram) -> ExportedProgram:
                 changed = True
     if changed:
         ep.graph.eliminate_dead_code()
+        ep.graph_module.recompile()
+    return ep
+
+
+def _drop_detach_(ep: ExportedProgram) -> ExportedProgram:
+    """Remove in-place `detach_` of intermediate tensors (DeBERTa detaches a lifted constant): autograd
+    bookkeeping with no effect on values in an inference program, and an error once the tensor is a view
+    into the arena ("Can't detach views in-place")."""
+    inputs = {n for n in ep.graph.nodes if n.op == "placeholder"}
+    dropped = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten.detach_.default
+               and n.args[0] not in inputs]
+    for node in dropped:
+        node.replace_all_uses_with(node.args[0])
+        ep.graph.erase_node(node)
+    if dropped:
         ep.graph_module.recompile()
     return ep
 

@@ -9,6 +9,7 @@ OFFLOAD_PREFIX = "_memopt_offload"
 HOST_PREFIX = OFFLOAD_PREFIX + "_host_"  # `_memopt_offload_host_<block>`: a block's weights in host memory
 KV_HOST_PREFIX = HOST_PREFIX + "kv"  # `_memopt_offload_host_kv<i>`: layer i's KV cache in host memory
 SLOT_PREFIX = OFFLOAD_PREFIX + "_slot"  # `_memopt_offload_slot<i>`: a device staging slot
+KV_SLOT_PREFIX = OFFLOAD_PREFIX + "_kv_cache_slot"  # `_memopt_offload_kv_cache_slot<i>`: a KV staging slot
 ARENA_PREFIX = "_memopt_arena"
 
 KV_NAME = re.compile(r"(key|value)_cache|past_key|past_value|kv_cache")  # any tensor of a KV cache

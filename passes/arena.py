@@ -86,14 +86,17 @@ class ArenaConfig:
     def kinds(self) -> tuple[str, ...]:
         return ("activation", "output") if self.outputs_in_arena else ("activation",)
 
-    def to_json(self) -> str:
-        return json.dumps({"version": 1, **asdict(self)})
+    def to_json(self) -> dict:
+        return {"type": "arena", "version": 1, **asdict(self)}
 
     @classmethod
-    def from_json(cls, text: str) -> ArenaConfig:
-        d = json.loads(text)
-        d.pop("version", None)
-        return cls(**d)
+    def from_json(cls, d: dict | str) -> ArenaConfig:
+        """From `to_json`'s dict (or the JSON text plans written before version 0.1 of the plan held)."""
+        from memopt.jsonconfig import config_from_json
+
+        if isinstance(d, str):  # an older plan: the config as a JSON string, without a type tag
+            d = {"type": "arena", **json.loads(d)}
+        return config_from_json(cls, d, "arena", 1)
 
 
 def arena_view(base: torch.Tensor, shape: list[int], stride: list[int]) -> torch.Tensor:
@@ -266,5 +269,5 @@ class ArenaPass(Pass):
 
 
 def _config_of(plan) -> ArenaConfig:
-    text = (getattr(plan, "pass_configs", None) or {}).get("arena")
-    return ArenaConfig.from_json(text) if isinstance(text, str) else ArenaConfig()
+    given = (getattr(plan, "pass_configs", None) or {}).get("arena")
+    return ArenaConfig.from_json(given) if isinstance(given, (str, dict)) else ArenaConfig()

@@ -21,9 +21,11 @@ L_0..L_{n-1} (graph order) the pass rewrites `gm` in place:
     slot[:numel] -> view(2, N, B, H, D) -> select -> permute(1, 2, 0, 3) that the index_copy_ now
     writes (attention reads them unchanged);
   - `memopt::kv_offload_writeback(host, slot, pos, i)` follows the layer's second update: rows `pos` only.
-`kv_transfer_schedule(gm)` reads the schedule back and `check_kv_schedule` verifies it (with
-passes/offload.py's `check_schedule`, plus the write-backs); `kv_device_bytes(gm)` counts the KV bytes
-left on the device (caches kept there plus staging slots).
+`kv_transfer_schedule(gm)` reads the schedule back and `check_kv_schedule` verifies it (what weights are
+checked for, plus the write-backs); `kv_device_bytes(gm)` counts the KV bytes left on the device (caches kept
+there plus staging slots). Selection, slots, issue points, the streaming calls and the schedule are
+passes/host_stream.py's, shared with passes/offload.py; this file lays a cache out on the host and reroutes
+its updates to the slot.
 """
 
 from __future__ import annotations
@@ -32,26 +34,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 from memopt.passes.base import Pass, PassResult
+from memopt.passes.host_stream import (KV_CACHE, Span, Transfer, block_start, call_before, check_schedule,
+                                       check_stream_options, check_writebacks, delete_attr, on_host, plan_slots,
+                                       read_transfers, reads, register_slots, scope, select)
 from memopt.passes.kv import cache_updates
-from memopt.passes.offload import (
-    HOST_PREFIX,
-    Transfer,
-    _matches,
-    _name,
-    _scope,
-    check_schedule,
-)
 from torch import fx
 
-from memopt.analysis.accounting import BLOCK_NAME
-from memopt.names import KV_NAME
-from memopt.runtime.offload_ops import KV_PREFETCH, KV_WAIT, KV_WRITEBACK
 from memopt.frontend.units import fmt_bytes
+from memopt.names import BLOCK_NAME, KV_HOST_PREFIX, KV_NAME, KV_SLOT_PREFIX
+
+__all__ = ["KV_HOST_PREFIX", "KV_SLOT_PREFIX", "KVOffloadConfig", "KVOffloadPass", "KVSite", "KVTransfer",
+           "check_kv_schedule", "find_kv_sites", "kv_device_bytes", "kv_transfer_schedule", "select_layers"]
 
 CONFIG_VERSION = 1
-KV_HOST_PREFIX = HOST_PREFIX + "kv"
-KV_SLOT_PREFIX = "_memopt_offload_kv_cache_slot"
-_KV_OPS = (KV_PREFETCH, KV_WAIT, KV_WRITEBACK)
 
 
 @dataclass(frozen=True)
@@ -72,10 +67,7 @@ class KVOffloadConfig:
                                                                     or isinstance(x, str) and x.strip())]
         if bad:
             raise ValueError(f"layers must be indices >= 0 or non-empty patterns, got {bad[0]!r}")
-        if isinstance(self.prefetch_depth, bool) or not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
-            raise ValueError(f"prefetch_depth must be an int >= 1, got {self.prefetch_depth!r}")
-        if not isinstance(self.pin_memory, bool):
-            raise ValueError(f"pin_memory must be True or False, got {self.pin_memory!r}")
+        check_stream_options(self.prefetch_depth, self.pin_memory)
 
     def to_json(self) -> dict:
         return {"type": "kv_offload", "version": CONFIG_VERSION, **asdict(self), "layers": list(self.layers)}
@@ -112,7 +104,7 @@ def find_kv_sites(gm: fx.GraphModule) -> list[KVSite]:
     """Layers whose `key_cache_i` / `value_cache_i` buffers are updated by index_copy_, in graph order."""
     sites = []
     for layer, pair in cache_updates(gm).items():
-        m = BLOCK_NAME.match(_scope(pair["key"]))
+        m = BLOCK_NAME.match(scope(pair["key"]))
         sites.append(KVSite(layer, m.group(1) if m else f"layer.{layer}", (pair["key"], pair["value"])))
     pos = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(sites, key=lambda s: min(pos[c] for c in s.copies))
@@ -120,22 +112,13 @@ def find_kv_sites(gm: fx.GraphModule) -> list[KVSite]:
 
 def select_layers(sites: list[KVSite], config: KVOffloadConfig, plan) -> tuple[list[KVSite], list[str]]:
     """Sites named by the config (index or pattern) or by plan decisions with kv_placement "host"."""
-    chosen, notes = set(), []
-    for key in config.layers:
-        hit = [s.layer for s in sites if (s.layer == key if isinstance(key, int) else _matches(s.block, key))]
-        if not hit:
-            raise ValueError(f"KV offload layer {key!r} matches no cached layer of this graph; layers: "
-                             f"{', '.join(f'{s.layer} ({s.block})' for s in sites)}")
-        chosen.update(hit)
-    for d in getattr(plan, "decisions", None) or ():
-        if getattr(d, "kv_placement", "device") != "host":
-            continue
-        hit = [s.layer for s in sites if f".{s.block}".endswith(f".{d.name}")]
-        chosen.update(hit)
-        if not hit:
-            notes.append(f"plan places {d.name}'s KV cache on host, but no cached layer is named {d.name}; "
-                         "kept on device")
-    return [s for s in sites if s.layer in chosen], notes
+    chosen, unmatched, unplaced = select(sites, lambda s: s.block, config.layers, plan, "kv_placement",
+                                         index=lambda s: s.layer)
+    if unmatched:
+        raise ValueError(f"KV offload layer {unmatched[0]!r} matches no cached layer of this graph; layers: "
+                         f"{', '.join(f'{s.layer} ({s.block})' for s in sites)}")
+    return chosen, [f"plan places {name}'s KV cache on host, but no cached layer is named {name}; kept on device"
+                    for name in unplaced]
 
 
 # ---------------------------------------------------------------- the pass
@@ -151,7 +134,7 @@ class KVOffloadPass(Pass):
         self.config = config or KVOffloadConfig()
 
     def __call__(self, gm: fx.GraphModule, plan=None) -> PassResult:
-        if "memopt_kv_offload" in gm.meta:
+        if KV_CACHE.meta_key in gm.meta:
             raise ValueError("this graph's KV cache is already offloaded; apply KVOffloadPass once")
         sites = find_kv_sites(gm)
         if not sites and (self.config.layers or plan is None):
@@ -174,73 +157,55 @@ class KVOffloadPass(Pass):
         return PassResult(gm, True, notes)
 
 
-def _positions(gm, sites: list[KVSite]) -> tuple[list[fx.Node], dict[int, tuple[int, int, int]]]:
-    """Graph nodes and per layer (block start, first cache update, attention's last read of the cache)."""
-    nodes = list(gm.graph.nodes)
+def _spans(nodes: list[fx.Node], sites: list[KVSite]) -> dict[int, Span]:
+    """Per layer: its block's start, its first cache update (the cache is resident before it) and attention's
+    last read of the cache."""
     pos = {n: i for i, n in enumerate(nodes)}
     spans = {}
     for s in sites:
-        scoped = [i for i, n in enumerate(nodes) if n.op == "call_function"
-                  and (_scope(n) == s.block or _scope(n).startswith(s.block + "."))]
         first = min(pos[c] for c in s.copies)
-        last = max(pos[u] for c in s.copies for u in _terminal_reads(c))
-        spans[s.layer] = (min(scoped[:1] + [first]), first, last)
-    return nodes, spans
+        last = max(pos[u] for c in s.copies for u in reads(c, KV_CACHE))
+        spans[s.layer] = Span(block_start(nodes, s.block, first), first, last)
+    return spans
 
 
-def _issue_points(order: list[int], spans: dict, n_slots: int, depth: int, graph_start: int) -> dict[int, int]:
-    """L_j's transfer is issued at the start of block L_{j-depth} (the graph's start for the first layers),
-    never before the last read of L_{j-n_slots}, which held its slot before it."""
-    issue = {}
-    for j, layer in enumerate(order):
-        at = spans[order[j - depth]][0] if j >= depth else graph_start
-        if j >= n_slots:
-            at = max(at, spans[order[j - n_slots]][2] + 1)
-        if at > spans[layer][1]:
-            raise ValueError(f"cannot offload layer {layer}'s KV cache: layer {order[j - n_slots]} still reads "
-                             f"it when layer {layer} starts and both need one of {n_slots} staging slots; raise "
-                             "prefetch_depth or offload fewer layers")
-        issue[layer] = at
-    return issue
+def _refuse(layer: int, holder: int, n_slots: int) -> str:
+    return (f"cannot offload layer {layer}'s KV cache: layer {holder} still reads it when layer {layer} starts and "
+            f"both need one of {n_slots} staging slots; raise prefetch_depth or offload fewer layers")
 
 
 def _rewrite(gm, sites: list[KVSite], config: KVOffloadConfig) -> dict:
-    nodes, spans = _positions(gm, sites)
-    order = [s.layer for s in sites]
+    nodes = list(gm.graph.nodes)
+    spans = _spans(nodes, sites)
     caches = {s.layer: [gm.get_buffer(c.args[0].target) for c in s.copies] for s in sites}
     kinds = {(k.dtype, k.device) for pair in caches.values() for k in pair}
     if len(kinds) > 1 or any(k.shape != v.shape for k, v in caches.values()):
         raise ValueError(f"offloaded KV caches must share one dtype and device, and keys and values one shape; "
                          f"got {sorted(map(str, kinds))}; offload fewer layers")
     dtype, device = kinds.pop()
-    n_slots = min(config.prefetch_depth + 1, len(order))
-    graph_start = next(i for i, n in enumerate(nodes) if n.op == "call_function")
-    issue = _issue_points(order, spans, n_slots, config.prefetch_depth, graph_start)
+    slots = plan_slots(nodes, [s.layer for s in sites], spans, config.prefetch_depth, _refuse)
     pin = config.pin_memory and device.type == "cuda"
     hosts = {layer: _to_host(k, v, pin) for layer, (k, v) in caches.items()}
     slot_numel = max(h.numel() for h in hosts.values())
-    slots = [f"{KV_SLOT_PREFIX}{j}" for j in range(n_slots)]
-    for name in slots:
-        gm.register_buffer(name, torch.zeros(slot_numel, dtype=dtype, device=device))
+    names = register_slots(gm, KV_SLOT_PREFIX, slots.n_slots, slot_numel, dtype, device)
     g = gm.graph
-    record = {"prefetch_depth": config.prefetch_depth, "slots": slots, "slot_bytes": slot_numel * dtype.itemsize,
+    record = {"prefetch_depth": config.prefetch_depth, "slots": names, "slot_bytes": slot_numel * dtype.itemsize,
               "pinned": pin, "layers": {}}
-    for j, s in enumerate(sites):  # prefetches first, so a wait at the same anchor lands after them
-        host_attr = f"{KV_HOST_PREFIX}{s.layer}"
+    for s in sites:  # prefetches first, so a wait at the same anchor lands after them
+        host_attr, i = f"{KV_HOST_PREFIX}{s.layer}", slots.slot[s.layer]
         gm.register_buffer(host_attr, hosts[s.layer])
-        with g.inserting_before(nodes[issue[s.layer]]):
-            g.call_function(KV_PREFETCH, (g.get_attr(slots[j % n_slots]), g.get_attr(host_attr), s.layer))
-        record["layers"][s.layer] = {"block": s.block, "host": host_attr, "slot": j % n_slots,
+        call_before(g, nodes[slots.issue[s.layer]], KV_CACHE.prefetch, (names[i], host_attr, s.layer))
+        record["layers"][s.layer] = {"block": s.block, "host": host_attr, "slot": i,
                                      "bytes": hosts[s.layer].nbytes,
                                      "row_bytes": hosts[s.layer][:, 0].nbytes}
-    for j, s in enumerate(sites):
-        _reroute(gm, s, slots[j % n_slots], record["layers"][s.layer]["host"], hosts[s.layer].shape)
+    for s in sites:
+        _reroute(gm, s, names[slots.slot[s.layer]], record["layers"][s.layer]["host"], hosts[s.layer].shape)
     g.lint()
     gm.recompile()
     record["host_bytes"] = sum(u["bytes"] for u in record["layers"].values())
     record["row_bytes"] = sum(u["row_bytes"] for u in record["layers"].values())
-    record["staging_bytes"] = record["slot_bytes"] * n_slots
-    gm.meta["memopt_kv_offload"] = record
+    record["staging_bytes"] = record["slot_bytes"] * slots.n_slots
+    gm.meta[KV_CACHE.meta_key] = record
     return record
 
 
@@ -262,9 +227,7 @@ def _reroute(gm, s: KVSite, slot_attr: str, host_attr: str, shape: torch.Size) -
     pos = s.copies[0].args[2]
     if s.copies[1].args[2] is not pos:
         raise ValueError(f"layer {s.layer}: keys and values are written at different positions")
-    with g.inserting_before(first):
-        slot = g.get_attr(slot_attr)
-        g.call_function(KV_WAIT, (slot, g.get_attr(host_attr), s.layer))
+    slot = call_before(g, first, KV_CACHE.wait, (slot_attr, host_attr, s.layer)).args[0]
     for kv, copy in enumerate(s.copies):
         with g.inserting_before(copy):
             flat = g.call_function(torch.ops.aten.slice.Tensor, (slot, 0, 0, shape.numel()))
@@ -274,10 +237,8 @@ def _reroute(gm, s: KVSite, slot_attr: str, host_attr: str, shape: torch.Size) -
         old = copy.args[0]
         copy.args = (view, *copy.args[1:])
         g.erase_node(old)
-        owner, _, name = old.target.rpartition(".")
-        delattr(gm.get_submodule(owner) if owner else gm, name)
-    with g.inserting_before(second.next):
-        g.call_function(KV_WRITEBACK, (g.get_attr(host_attr), slot, pos, s.layer))
+        delete_attr(gm, old.target)
+    call_before(g, second.next, KV_CACHE.writeback, (host_attr, slot, pos, s.layer))
 
 
 # ---------------------------------------------------------------- bytes, schedule and its verifier
@@ -285,78 +246,15 @@ def kv_device_bytes(gm: torch.nn.Module) -> int:
     """Bytes of KV cache on the device: caches kept there (`key_cache_i`, compressed `kv_cache_*`) and the
     staging slots; host caches are not counted. On a CPU-only machine this counts by role."""
     return sum(t.nbytes for name, t in gm.named_buffers()
-               if KV_NAME.search(name.rpartition(".")[2]) and not name.rpartition(".")[2].startswith(HOST_PREFIX))
-
-
-def _aliases(node: fx.Node) -> bool:
-    """The op returns (a view of) an input: a view or an in-place update."""
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema and schema.returns and schema.returns[0].alias_info is not None)
-
-
-def _terminal_reads(node: fx.Node) -> list[fx.Node]:
-    """Ops reading `node`'s data, following views and in-place updates (which are reads too)."""
-    out = []
-    for user in node.users:
-        if user.target in _KV_OPS:
-            out.append(user)
-        elif _aliases(user):
-            out += [user] + _terminal_reads(user)
-        else:
-            out.append(user)
-    return out
+               if KV_NAME.search(name.rpartition(".")[2]) and not on_host(name))
 
 
 def kv_transfer_schedule(gm: fx.GraphModule) -> list[KVTransfer]:
     """The KV transfers the graph performs per step, read from its prefetch / wait / write-back calls and
-    the slot's readers."""
-    nodes = list(gm.graph.nodes)
-    pos = {n: i for i, n in enumerate(nodes)}
-    record = gm.meta.get("memopt_kv_offload", {})
-    depth = record.get("prefetch_depth", len({n.args[0].target for n in nodes if n.target is KV_PREFETCH}) - 1)
-    slot_bytes = max((gm.get_buffer(n.target).nbytes for n in nodes
-                      if n.op == "get_attr" and n.target.startswith(KV_SLOT_PREFIX)), default=0)
-    found: dict[int, dict] = {}
-    for i, n in enumerate(nodes):
-        if n.target in _KV_OPS:
-            host_arg, slot_arg = (n.args[0], n.args[1]) if n.target is KV_WRITEBACK else (n.args[1], n.args[0])
-            t = found.setdefault(n.args[-1], {"slot": int(slot_arg.target[len(KV_SLOT_PREFIX):]),
-                                              "host": gm.get_buffer(host_arg.target), "uses": [], "writes": []})
-            t[{KV_PREFETCH: "issue", KV_WAIT: "wait", KV_WRITEBACK: "writeback"}[n.target]] = i
-    waits = sorted((t["wait"], t["slot"], layer) for layer, t in found.items() if "wait" in t)
-    for n in nodes:
-        if n.op == "get_attr" and n.target.startswith(KV_SLOT_PREFIX):
-            slot = int(n.target[len(KV_SLOT_PREFIX):])
-            for use in _terminal_reads(n):
-                if use.target in (KV_PREFETCH, KV_WAIT):
-                    continue
-                j = pos[use]
-                owner = [layer for w, s, layer in waits if s == slot and w <= j]
-                owner = owner[-1] if owner else next((layer for _, s, layer in waits if s == slot), None)
-                if owner is not None:
-                    found[owner]["uses"].append(j)
-                    schema = getattr(use.target, "_schema", None)
-                    if use.target is not KV_WRITEBACK and schema is not None and schema.is_mutable:
-                        found[owner]["writes"].append(j)
-    blocks = {layer: u["block"] for layer, u in record.get("layers", {}).items()}
-    out = []
-    for layer, t in found.items():
-        wait = t.get("wait", -1)
-        first, last = (min(t["uses"]), max(t["uses"])) if t["uses"] else (wait, wait)
-        issue, wb = t.get("issue", -1), t.get("writeback", -1)
-        host = t["host"]
-        out.append(KVTransfer(blocks.get(layer, f"layer {layer}"), host.nbytes, t["slot"], slot_bytes, depth,
-                              _next_op(nodes, issue), _next_op(nodes, wait), _name(nodes, first), _name(nodes, last),
-                              issue, wait, first, last, layer, _name(nodes, wb), wb, max(t["writes"], default=-1)))
-    return sorted(out, key=lambda t: t.issue_index)
-
-
-def _next_op(nodes: list[fx.Node], i: int) -> str:
-    """The first compute op after position i (skipping the KV offload calls and views)."""
-    if i < 0:
-        return "<missing>"
-    return next((n.name for n in nodes[i + 1:] if n.op == "output" or n.op == "call_function"
-                 and n.target not in _KV_OPS and not (_aliases(n) and not n.target._schema.is_mutable)), "<end>")
+    the slot's readers (passes/host_stream.py)."""
+    blocks = {layer: u["block"] for layer, u in gm.meta.get(KV_CACHE.meta_key, {}).get("layers", {}).items()}
+    return read_transfers(gm, KV_CACHE, lambda layer, **fields: KVTransfer(blocks.get(layer, f"layer {layer}"),
+                                                                              layer=layer, **fields))
 
 
 def check_kv_schedule(schedule: list[KVTransfer], prefetch_depth: int | None = None) -> None:
@@ -364,10 +262,4 @@ def check_kv_schedule(schedule: list[KVTransfer], prefetch_depth: int | None = N
     before first use, no slot overwritten while read, fits its slot, at most prefetch_depth + 1 slots), plus
     a layer whose new rows are never written back, or written back before its last cache update."""
     check_schedule(list(schedule), prefetch_depth)
-    for t in schedule:
-        if t.writeback_index < 0:
-            raise ValueError(f"layer {t.layer} ({t.block}): its new rows are never written back to the host cache")
-        if not t.wait_index < t.writeback_index <= t.last_use_index or t.writeback_index < t.last_write_index:
-            raise ValueError(f"layer {t.layer} ({t.block}): written back at {t.writeback_index} "
-                             f"({t.writeback_op}), outside its residency {t.wait_index}..{t.last_use_index} or "
-                             f"before its last cache update at {t.last_write_index}")
+    check_writebacks(schedule, lambda t: f"layer {t.layer} ({t.block})")

@@ -69,6 +69,9 @@ ENCODERS = {
                                                   max_position_embeddings=130, pad_token_id=1),
     "distilbert": lambda: transformers.DistilBertConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
                                                         max_position_embeddings=128),
+    "deberta_v2": lambda: transformers.DebertaV2Config(vocab_size=256, hidden_size=64, num_hidden_layers=2,
+                                                       num_attention_heads=4, intermediate_size=128,
+                                                       max_position_embeddings=128),
 }
 CONFIGS = {**DECODERS, **ENCODERS}
 FAST = ("llama", "mistral", "gpt2", "bert")  # the quick loop's share of the table; the rest is marked slow

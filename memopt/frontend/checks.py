@@ -139,7 +139,7 @@ def _check_kv(kv: str, cache: int, batch: int, dims: tuple[int, int, int] | None
 def _check_offload_kv(src, offload_kv: Sequence) -> None:
     """Each index is a layer of the model and each pattern names one of its blocks."""
     from memopt.analysis.accounting import BLOCK_NAME
-    from memopt.passes.offload import _matches
+    from memopt.passes.host_stream import matches
 
     blocks = sorted({m.group(1) for name, _ in src.model.named_modules() if (m := BLOCK_NAME.match(name))},
                     key=lambda b: (len(b), b))
@@ -147,7 +147,7 @@ def _check_offload_kv(src, offload_kv: Sequence) -> None:
         if isinstance(key, int):
             hit = key < len(blocks)
         else:  # the generation program wraps the model: its blocks are named "model." + these
-            hit = any(_matches(b, key) or _matches(f"model.{b}", key) for b in blocks)
+            hit = any(matches(b, key) or matches(f"model.{b}", key) for b in blocks)
         if not hit:
             shown = f"0..{len(blocks) - 1}" if blocks else "none"
             raise ValueError(f"--offload-kv {key!r} matches no layer of {src.name}; give a layer index ({shown}) or "

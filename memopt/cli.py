@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan-only", action="store_true",
                    help="plan without weights (presets, config dirs, GGUF headers): print the plan, write plan.json")
     p.add_argument("--devices", type=int, default=None, metavar="N",
-                   help="with --plan-only: N devices of --target per node (or write --target 4xh100-80gb, "
-                        "2x(rtx-4090), 1x(rtx-4090)+1x(rtx-3090)); the plan splits the model across them, --budget per device")
+                   help="N devices of --target per node (or write --target 4xh100-80gb, 2x(rtx-4090), "
+                        "1x(rtx-4090)+1x(rtx-3090)); with --plan-only the plan splits the model across them, --budget "
+                        "per device; with -o, one pipeline stage per device (memopt run DIR --launch)")
     p.add_argument("--nodes", type=int, default=None, metavar="M",
                    help="with --plan-only: M nodes, each with the devices --target names")
     p.add_argument("--network", default=None, metavar="LINK",
@@ -101,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", default=None, metavar="FILE", help="refuse the artifact unless its manifest is "
                                                                 "signed with the key in FILE")
     p.add_argument("--json", action="store_true")
+    # pipeline artifacts (compile --devices N / --target NxDEVICE -o DIR): one process per stage
+    p.add_argument("--launch", action="store_true",
+                   help="a pipeline artifact: run it under torchrun, one process per stage (or launch it yourself: "
+                        "torchrun --nproc-per-node N -m memopt run DIR)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="with --launch: processes to start (default and only choice: the artifact's stages)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="pipeline artifacts: seconds any rank waits for another before it stops with an error "
+                        "(default 300)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("verify", help="check an artifact (manifest, every file's SHA-256, signature) without "
@@ -161,10 +171,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     if args.plan_only:
         return cmd_plan_only(args)
-    for flag in ("devices", "nodes", "network", "tensor_parallel"):
+    for flag in ("nodes", "network"):
         if getattr(args, flag, None) is not None:
-            raise ValueError(f"--{flag.replace('_', '-')} plans several devices, which only --plan-only does for now; "
+            raise ValueError(f"--{flag.replace('_', '-')} plans several nodes, which only --plan-only does for now; "
                              "add --plan-only")
+    from memopt.planning.split import is_multi_device
+
+    if args.devices is not None or args.tensor_parallel is not None or is_multi_device(args.target):
+        return cmd_compile_stages(args)
     if not args.output:
         raise ValueError("memopt compile needs -o DIR for the artifact (or --plan-only to only print the plan)")
     from memopt.emit.outdir import check_output
@@ -202,17 +216,78 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"  lower bound      {fmt_bytes(a.lower_bound_bytes):>12}  (live-set bound for this op order)")
         print(f"  greedy best-fit  {fmt_bytes(a.greedy_size_bytes):>12}")
         print(f"  solver           {a.solver.name}: {a.solver.status}, {a.solver.time_s:.2f} s, gap {a.solver.gap:.2%}")
+    measured = plan.predictions.get("budget", {}).get("measured")
+    if measured:  # the budget's promise, checked on the programs (memopt/emit/fits.py)
+        b = plan.predictions["budget"]
+        print(f"  fits             {fmt_bytes(measured['total_bytes']):>12}  on the device, budget "
+              f"{fmt_bytes(b['budget_bytes'])} (plan predicted {fmt_bytes(measured['predicted_bytes'])})")
     for note in result.notes:
         print(f"  {note}")
     print(f"wrote {out}")
     return 0
 
 
+def cmd_compile_stages(args: argparse.Namespace) -> int:
+    """compile -o DIR for several devices: one pipeline stage per device (memopt.emit.stages)."""
+    from memopt.config import CompileConfig
+    from memopt.emit.outdir import check_output
+    from memopt.emit.stages import StageSpec, compile_devices, describe, save_stages
+    from memopt.frontend.targets import parse_cluster
+
+    if not args.output:
+        raise ValueError("memopt compile for several devices needs -o DIR for the artifact (or --plan-only to only "
+                         "print the plan)")
+    for flag in ("budget", "onnx"):
+        if getattr(args, flag):
+            raise ValueError(f"--{flag} compiles for one device; for several, drop it (--plan-only plans formats per "
+                             "device)")
+    check_output(args.output, force=args.force)
+    key = _read_key(args.sign_key)
+    device = parse_cluster(args.target, devices=args.devices).devices[0].name
+    config = CompileConfig(
+        target=device, passes=tuple(p.strip() for p in args.passes.split(",") if p.strip()), batch=args.batch,
+        seq=args.seq, dtype=args.dtype, quantize=args.quantize, quantize_skip=tuple(args.quantize_skip),
+        calibration=args.calibration, arena_solver=args.solver, time_limit_s=args.time_limit, reorder=args.reorder,
+        max_cache=args.max_cache, kv=args.kv, offload=tuple(args.offload), offload_kv=tuple(args.offload_kv))
+    result = compile_devices(args.model, config, target=args.target, devices=args.devices,
+                             tensor_parallel=args.tensor_parallel, verbose=not args.json)
+    out = save_stages(result, args.output, force=args.force, key=key)
+    plan = result.plan
+    rows = [{**rec, "weights_bytes": p.get("weights_bytes"), "kv_cache_bytes": p.get("kv_cache_bytes")}
+            for rec, p in zip(plan.stages, plan.predictions["stages"])]
+    if args.json:
+        print(json.dumps({"output": str(out), "model": plan.model, "target": plan.target, "stages": rows,
+                          "notes": result.notes}, indent=1, default=str))
+        return 0
+    print(f"compiled {plan.model} as {len(rows)} pipeline stages for {plan.target} (batch {plan.batch}, "
+          f"seq {plan.seq})")
+    for r in rows:
+        what = describe(StageSpec.from_json(r, "plan"))
+        print(f"  stage {r['stage']} on {r['target']:<12} {what:<40} weights {fmt_bytes(r['weights_bytes'] or 0):>10}"
+              f"  KV cache {fmt_bytes(r['kv_cache_bytes'] or 0):>10}")
+    for note in result.notes:
+        print(f"  {note}")
+    print(f"wrote {out} (run it: memopt run {out} --launch)")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from memopt.serve.run import run_artifact
 
-    summary = run_artifact(args.directory, prompt=args.prompt, inputs=args.inputs, engine=args.engine,
-                           max_new_tokens=args.max_new_tokens, device=args.device, key=_read_key(args.key))
+    if args.launch:  # a pipeline artifact under torchrun (memopt.serve.distributed)
+        from memopt.serve.run import launch_artifact
+
+        summary = launch_artifact(args.directory, nproc=args.nproc, prompt=args.prompt, inputs=args.inputs,
+                                  engine=args.engine, max_new_tokens=args.max_new_tokens, device=args.device,
+                                  key_file=args.key, timeout_s=args.timeout)
+    elif args.nproc is not None:
+        raise ValueError("--nproc goes with --launch (memopt run DIR --launch --nproc N)")
+    else:
+        summary = run_artifact(args.directory, prompt=args.prompt, inputs=args.inputs, engine=args.engine,
+                               max_new_tokens=args.max_new_tokens, device=args.device, key=_read_key(args.key),
+                               timeout_s=args.timeout)
+    if summary.get("quiet"):  # a pipeline rank other than 0: rank 0 prints
+        return 0
     if args.json:
         print(json.dumps(summary, indent=1))
     elif "text" in summary:
@@ -237,9 +312,9 @@ def _read_key(path: str | None) -> bytes | None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from memopt.emit.artifact import verify
+    from memopt.emit.stages import verify_stages  # artifact.verify, and every stage of a pipeline artifact
 
-    manifest = verify(args.directory, key=_read_key(args.key))
+    manifest = verify_stages(args.directory, key=_read_key(args.key))
     files = manifest["files"]
     total = sum(f["bytes"] for f in files.values())
     signed = " and its signature" if args.key else ""

@@ -1,4 +1,8 @@
-"""Run the passes: capture -> weight passes -> re-capture -> analyze -> plan the arena -> emit.
+"""Run the stages: capture -> plan -> rewrite passes -> analyze -> arena -> plan -> check -> emit.
+
+A program is exported when captured and once more after its rewrite passes (`Program`): the passes hand
+the GraphModule to each other, and the program is exported again only where an exported form is read (the
+forward program's analysis, the emitted programs).
 
 `memopt.compile(model, example_inputs, target=..., passes=...)` is the one-call Python API; the CLI's
 `memopt compile` calls the same function. Decoder LMs get a second program beside the forward one:
@@ -61,6 +65,31 @@ def _as_source(model: Any, example_inputs: Sequence | None, dtype) -> ModelSourc
     raise ValueError(f"model must be a source string, an nn.Module or a ModelSource, got {type(model).__name__}")
 
 
+class Program:
+    """One program while the passes rewrite it: its last export and the GraphModule the passes have
+    rewritten since. Passes read and rewrite `module()`; `captured` exports the rewritten module again,
+    once, when an exported form is needed. `meta` is the capture's metadata (source, inputs, shapes),
+    which rewriting does not change."""
+
+    def __init__(self, captured: Captured):
+        self.meta = captured
+        self._captured, self._gm, self.rewritten = captured, None, False
+
+    def module(self) -> torch.fx.GraphModule:
+        if self._gm is None:
+            self._gm = self._captured.module()
+        return self._gm
+
+    def update(self, gm: torch.fx.GraphModule) -> None:
+        self._gm, self.rewritten = gm, True
+
+    @property
+    def captured(self) -> Captured:
+        if self.rewritten:
+            self._captured, self._gm, self.rewritten = _recapture(self._gm, self._captured), None, False
+        return self._captured
+
+
 def _recapture(gm: torch.fx.GraphModule, captured: Captured) -> Captured:
     """Export a rewritten GraphModule again, so the analysis sees its real tensors and new ops."""
     import memopt.runtime  # noqa: F401  (the custom ops' fake kernels)
@@ -71,17 +100,17 @@ def _recapture(gm: torch.fx.GraphModule, captured: Captured) -> Captured:
                     captured.dynamic_shapes)
 
 
-def _weight_passes(captured: Captured, quantize: str | None, skip: Sequence[str], say,
+def _weight_passes(program: Program, quantize: str | None, skip: Sequence[str], say,
                    decisions: dict | None = None, reuse: torch.fx.GraphModule | None = None,
-                   calibration: Any = None) -> tuple[Captured, list[str], dict, torch.fx.GraphModule]:
+                   calibration: Any = None) -> tuple[list[str], dict, torch.fx.GraphModule]:
     """Quantize with one format (`quantize`) or per layer (`decisions`: block name -> format). `reuse`: a
     program already quantized from the same weights, whose tensors are taken instead of quantizing again.
     `calibration`: see `_calibration_inputs`."""
     from memopt.passes.quantize import QuantizePass, parse_quantize_spec, weight_sites
 
-    gm = captured.module()
+    captured, gm = program.meta, program.module()
     calib = None
-    if reuse is None and any(_needs_calibration(f) for f in ([quantize] if decisions is None
+    if reuse is None and any(needs_calibration(f) for f in ([quantize] if decisions is None
                                                                else set(decisions.values()))):
         if captured.example_kwargs:
             raise ValueError(f"--quantize {quantize} calibrates on example inputs, which the {captured.phase} "
@@ -108,7 +137,8 @@ def _weight_passes(captured: Captured, quantize: str | None, skip: Sequence[str]
     else:
         calib_notes = []
     notes = calib_notes + list(result.notes)
-    return _recapture(result.gm, captured), notes, record, result.gm
+    program.update(result.gm)
+    return notes, record, result.gm
 
 
 def _int4_how(fmt: str, how) -> str:
@@ -135,7 +165,7 @@ def _check_budget_quantize(quantize: str | None) -> None:
                          "its int4 layers are quantized (int4:gptq, int4:had, int4:gptq:had), without outliers")
 
 
-def _needs_calibration(spec: str | None) -> bool:
+def needs_calibration(spec: str | None) -> bool:
     from memopt.passes.quant_config import parse_quantize_spec
     from memopt.passes.weight_sites import KEEP_FORMATS
 
@@ -204,7 +234,7 @@ def _reorder(captured: Captured, analysis: Analysis, time_limit_s: float, say) -
                                f"{analysis.activation_lower_bound_bytes} -> {new_analysis.activation_lower_bound_bytes} bytes"]
 
 
-def _compress_kv(gen: Captured, spec: str | None, plan) -> tuple[Captured, dict | None, list[str]]:
+def _compress_kv(gen: Program, spec: str | None, plan) -> tuple[dict | None, list[str]]:
     """KV-cache compression of the generation program, by one policy (`spec`, e.g. "kivi:4") or per
     layer from a budget plan's `kv_policy` decisions."""
     from memopt.kv.policy import parse_kv_spec
@@ -213,18 +243,20 @@ def _compress_kv(gen: Captured, spec: str | None, plan) -> tuple[Captured, dict 
     if spec is None:
         decisions = [d for d in plan.decisions if d.kv_policy not in ("", "full", None)]
         if not decisions:
-            return gen, None, []
+            return None, []
         plan = Plan(decisions=tuple(decisions))
     gm = gen.module()
     result = KVCompressionPass(parse_kv_spec(spec) if spec else None)(gm, plan if spec is None else None)
     meta = gm.meta["memopt_kv"]
-    return _recapture(result.gm, gen), meta, result.notes
+    gen.update(result.gm)
+    return meta, result.notes
 
 
-def _apply(captured: Captured, pass_obj, plan) -> tuple[Captured, list[str]]:
-    gm = captured.module()
-    result = pass_obj(gm, plan)
-    return (_recapture(result.gm, captured) if result.modified else captured), result.notes
+def _apply(program: Program, pass_obj, plan) -> list[str]:
+    result = pass_obj(program.module(), plan)
+    if result.modified:
+        program.update(result.gm)
+    return list(result.notes)
 
 
 def _tied_names(gm: torch.fx.GraphModule) -> dict[str, list[str]]:
@@ -263,7 +295,7 @@ def _decisions(before: Captured, fwd: Captured, gen: Captured | None, weights: d
     the KV offload record (caches on host), plus a row for every block a budget plan decided on. Blocks are
     named as in the programs (`model.model.layers.1`); rows come block by block in graph order."""
     from memopt.kv import kv_config_from_json
-    from memopt.passes.offload import block_of
+    from memopt.passes.host_stream import block_of
     from memopt.emit.plan_check import LAYER_INDEX, kv_policy_spec
 
     known = list(dict.fromkeys(block_of(n) for n in before.exported.state_dict))
@@ -316,7 +348,7 @@ def _budget_divergence(decisions, budget_plan, formats: dict, *, kv_given: bool,
 
 
 @dataclass
-class _State:
+class CompileState:
     """What the stages share while compiling one model: the config, the programs as they are rewritten,
     and the Plan's pieces. Each stage reads and writes only this."""
 
@@ -326,15 +358,17 @@ class _State:
     calibration: Any
     passes: list[str]
     target: Any = None
-    captured: Captured | None = None
+    fwd: Program | None = None  # the forward program
+    gen: Program | None = None  # decoder LMs: the generation program
     before: Analysis | None = None
     analysis: Analysis | None = None
-    gen: Captured | None = None
     plan: Plan | None = None
     budget_plan: Any = None
+    budget_decisions: Plan | None = None  # the budget plan's rows as a Plan (what the passes read)
     formats: dict | None = None
     weights: dict = field(default_factory=dict)
     kv_meta: dict | None = None
+    fits: dict | None = None  # a budget plan's promise and the bytes the programs hold (the "fits" stage)
     gm: torch.fx.GraphModule | None = None
     notes: list[str] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
@@ -349,41 +383,45 @@ class _State:
             self.plan = self.plan.with_(passes=tuple(self.passes))
 
 
-def _stage_capture(st: _State) -> None:
+def _stage_capture(st: CompileState) -> None:
     cfg, src = st.config, st.src
     st.say(f"capturing {src.name}")
-    st.captured = capture(src, batch=cfg.batch, seq=cfg.seq)
-    st.before = st.analysis = analyze(st.captured)
+    captured = capture(src, batch=cfg.batch, seq=cfg.seq)
+    st.fwd = Program(captured)
+    st.before = st.analysis = analyze(captured)
     if cfg.generation and src.family == "causal_lm":
-        cache = generation_cache_tokens(src, max_cache=cfg.max_cache, seq=st.captured.seq, budget=cfg.budget)
+        cache = generation_cache_tokens(src, max_cache=cfg.max_cache, seq=captured.seq, budget=cfg.budget)
         st.say(f"capturing the generation program (static KV cache of {cache} tokens)")
         # a prompt chunk or one token per call (memopt::kv_attend prefills a compressed cache from a prompt in
         # one call); a budget plan's program takes one token per call
         try:
-            st.gen = capture(src, phase="decode", batch=cfg.batch, cache_len=cache, dynamic=cfg.budget is None)
+            st.gen = Program(capture(src, phase="decode", batch=cfg.batch, cache_len=cache,
+                                      dynamic=cfg.budget is None))
         except CaptureError as exc:
             if cfg.kv or cfg.offload_kv:  # asked for a KV rewrite: the generation program is the point
                 raise
             st.notes.append(f"no generation program (the forward program is compiled without one): {exc}")
-    st.plan = Plan(model=src.name, target=st.target.name, batch=st.captured.batch, seq=st.captured.seq,
-                   passes=tuple(st.passes), inputs=_input_specs(src, st.captured.example_inputs))
+    st.plan = Plan(model=src.name, target=st.target.name, batch=captured.batch, seq=captured.seq,
+                   passes=tuple(st.passes), inputs=input_specs(src, captured.example_inputs))
 
 
-def _stage_budget(st: _State) -> None:
+def _stage_budget(st: CompileState) -> None:
     """Solve the budget ILP; its formats, host blocks, host caches and KV bits become passes."""
     from memopt.planning.budget import plan_budget
     from memopt.passes.quant_config import parse_quantize_spec
 
     cfg = st.config
     st.say(f"planning formats for a budget of {cfg.budget} on {st.target.name}")
-    st.budget_plan = plan_budget(st.src, target=st.target, budget_bytes=cfg.budget, batch=st.captured.batch,
-                                 seq=st.captured.seq or None, objective=cfg.objective,
-                                 max_quality_loss=cfg.max_quality_loss, kv_host=cfg.kv_host)
+    st.budget_plan = plan_budget(st.src, target=st.target, budget_bytes=cfg.budget, batch=st.fwd.meta.batch,
+                                 seq=st.fwd.meta.seq or None, objective=cfg.objective,
+                                 max_quality_loss=cfg.max_quality_loss, kv_host=cfg.kv_host,
+                                 captured=_captured_model(st))
     how = parse_quantize_spec(cfg.quantize) if cfg.quantize else None
     # a tied embedding is labelled "model.embed_tokens (tied lm_head)": the module name is the first word
     st.formats = {d["name"].split(" (")[0]: _int4_how(d["format"], how)
                   for d in st.budget_plan.to_json()["decisions"]}
-    decisions = st.budget_plan.to_plan().decisions
+    st.budget_decisions = st.budget_plan.to_plan()
+    decisions = st.budget_decisions.decisions
     if any(f not in ("bf16", "native") for f in st.formats.values()):
         st.add_pass("quantize")
     if any(d.placement == "host" for d in decisions):
@@ -394,66 +432,90 @@ def _stage_budget(st: _State) -> None:
         st.add_pass("kv")
 
 
-def _stage_quantize(st: _State) -> None:
+def _captured_model(st: CompileState):
+    """What the budget planner prices: the captured programs' tensors (memopt/planning/captured.py), the KV
+    caches the plan's policies give and the arena the arena stage will plan."""
+    from memopt.passes.arena import ArenaConfig
+    from memopt.planning.budget import BudgetConfig
+    from memopt.planning.captured import captured_model
+
+    cfg, kv = st.config, BudgetConfig()
+    arena = ArenaConfig(time_limit_s=cfg.time_limit_s, solver=cfg.arena_solver,
+                        outputs_in_arena=cfg.outputs_in_arena) if "arena" in st.passes else None
+    return captured_model(st.fwd.meta, st.gen.meta if st.gen is not None else None, st.before, arena=arena,
+                          kv_policy=f"kivi:k{{bits}}v{{bits}}:g{kv.kv_group_size}:r{kv.kv_residual}")
+
+
+def _stage_quantize(st: CompileState) -> None:
     cfg = st.config
     quantize = cfg.quantize or (None if cfg.budget is not None else "int8")  # the pass listed alone: int8
-    st.captured, qnotes, st.weights, quantized = _weight_passes(st.captured, quantize, cfg.quantize_skip, st.say,
-                                                                st.formats, calibration=st.calibration)
+    qnotes, st.weights, quantized = _weight_passes(st.fwd, quantize, cfg.quantize_skip, st.say, st.formats,
+                                                   calibration=st.calibration)
     st.notes += qnotes
     if st.gen is not None:  # takes the forward program's quantized tensors: quantized once, held once
-        st.gen, _, _, _ = _weight_passes(st.gen, quantize, cfg.quantize_skip, st.say, st.formats, reuse=quantized)
-        shared = _share_state(st.captured, st.gen)
-        st.say(f"generation program shares {shared} weight tensors with the {st.captured.phase} program")
+        _weight_passes(st.gen, quantize, cfg.quantize_skip, st.say, st.formats, reuse=quantized)
+        shared = _share_state(st.fwd.module(), st.gen.module())
+        st.say(f"generation program shares {shared} weight tensors with the {st.fwd.meta.phase} program")
     st.configure("quantize", quantize or "budget plan")
 
 
-def _stage_offload(st: _State) -> None:
+def _stage_weights(st: CompileState) -> None:
+    """A streamed source (memopt/frontend/weights.py): bind the weights no pass read, for the stages after (in the
+    program's current form only: a rewritten program's first export is `st.before`'s, which must stay unread)."""
+    from memopt.frontend.weights import materialize
+
+    for program in (st.fwd, st.gen):
+        if program is not None:
+            materialize(program._gm, None if program.rewritten else program._captured.exported)
+
+
+def _stage_offload(st: CompileState) -> None:
     from memopt.passes.offload import OffloadConfig, OffloadPass
 
-    host_plan = st.budget_plan.to_plan() if st.budget_plan is not None else None
+    host_plan = st.budget_decisions
     config = OffloadConfig(blocks=st.config.offload) if st.config.offload else None
     if config is None and host_plan is None:
         raise ValueError("the offload pass needs blocks to offload: pass offload=[...] (--offload) or a --budget")
     st.say("offloading blocks to host memory")
-    st.captured, onotes = _apply(st.captured, OffloadPass(config), host_plan)
-    st.notes += onotes
+    st.notes += _apply(st.fwd, OffloadPass(config), host_plan)
     if st.gen is not None:
-        st.gen, _ = _apply(st.gen, OffloadPass(config), host_plan)
-        _share_offload(st.captured, st.gen)
+        _apply(st.gen, OffloadPass(config), host_plan)
+        _share_offload(st.fwd.module(), st.gen.module())
     st.configure("offload", config.to_json() if config else "budget plan")
 
 
-def _stage_kv_offload(st: _State) -> None:
+def _stage_kv_offload(st: CompileState) -> None:
     from memopt.passes.kv_offload import KVOffloadConfig, KVOffloadPass
 
     if st.gen is None:
         raise ValueError("offload_kv needs a decoder LM's generation program; this model has none")
     kv_config = KVOffloadConfig(layers=st.config.offload_kv) if st.config.offload_kv else None
-    host_plan = st.budget_plan.to_plan() if kv_config is None and st.budget_plan is not None else None
+    host_plan = st.budget_decisions if kv_config is None else None
     st.say("offloading KV caches to host memory")
-    st.gen, notes = _apply(st.gen, KVOffloadPass(kv_config), host_plan)
-    st.notes += notes
+    st.notes += _apply(st.gen, KVOffloadPass(kv_config), host_plan)
     st.configure("kv_offload", kv_config.to_json() if kv_config else "budget plan")
 
 
-def _stage_kv(st: _State) -> None:
+def _stage_kv(st: CompileState) -> None:
     if st.gen is None:
         raise ValueError(f"--kv needs a decoder LM's generation program, which {st.src.name} does not have")
     spec = st.config.kv
-    st.gen, st.kv_meta, notes = _compress_kv(st.gen, spec, st.budget_plan.to_plan() if not spec else None)
+    st.kv_meta, notes = _compress_kv(st.gen, spec, st.budget_decisions if not spec else None)
     st.notes += notes
     if st.kv_meta is not None:
         st.configure("kv", {"spec": spec or "budget plan", "meta": st.kv_meta})
 
 
-def _stage_arena(st: _State) -> None:
+def _stage_arena(st: CompileState) -> None:
     from memopt.passes.arena import ArenaConfig, ArenaPass, plan_arena
 
     cfg = st.config
     if cfg.reorder:
-        st.captured, st.analysis, rnote = _reorder(st.captured, st.analysis, cfg.time_limit_s, st.say)
+        captured, st.analysis, rnote = _reorder(st.fwd.captured, st.analysis, cfg.time_limit_s, st.say)
         st.notes += rnote
-        st.gm = st.captured.module()
+        if captured is not st.fwd.captured:
+            st.fwd = Program(captured)
+        st.gm = st.fwd.module()
     config = ArenaConfig(time_limit_s=cfg.time_limit_s, solver=cfg.arena_solver, outputs_in_arena=cfg.outputs_in_arena)
     st.say(f"planning the arena ({len(st.analysis.storages)} storages, solver {cfg.arena_solver})")
     t0 = time.perf_counter()
@@ -466,34 +528,48 @@ def _stage_arena(st: _State) -> None:
     st.gm, st.notes = result.gm, st.notes + result.notes
 
 
-def _stage_analyze(st: _State) -> None:
-    """The forward program after its weight passes, analysed once (the arena plans from it)."""
-    if any(p in st.ran for p in ("quantize", "offload")):
-        st.analysis = analyze(st.captured)
-    st.gm = st.captured.module()
+def _stage_analyze(st: CompileState) -> None:
+    """The forward program after its rewrite passes, exported again and analysed once (the arena plans from it)."""
+    if st.fwd.rewritten:
+        st.analysis = analyze(st.fwd.captured)
+    st.gm = st.fwd.module()
 
 
-def _stage_plan(st: _State) -> None:
+def _stage_plan(st: CompileState) -> None:
     """The Plan's rows and predictions, read from what the stages built."""
     bp = st.budget_plan
     budget_names = [d.name.split(" (")[0] for d in bp.decisions] if bp is not None else []
-    decisions = _decisions(st.before.captured, st.captured, st.gen, st.weights, st.kv_meta, budget_names)
+    gen = st.gen.captured if st.gen is not None else None
+    decisions = _decisions(st.before.captured, st.fwd.captured, gen, st.weights, st.kv_meta, budget_names)
     if bp is not None:
         st.notes += _budget_divergence(decisions, bp, st.formats, kv_given=bool(st.config.kv),
                                        generation=st.gen is not None)
     st.plan = st.plan.with_(decisions=decisions, predictions={
         "weights_bytes_before": st.before.weights_bytes,
-        "weights_bytes": _state_bytes(st.captured),
+        "weights_bytes": _state_bytes(st.fwd.captured),
         "activation_lower_bound_bytes": st.analysis.activation_lower_bound_bytes,
         "activation_peak_bytes_before": st.before.activation_peak_bytes,
         "arena_bytes": st.plan.arena.size_bytes if st.plan.arena else None,
-        "kv_cache_bytes": _kv_bytes(st.gen) if st.gen is not None else 0,
+        "kv_cache_bytes": _kv_bytes(gen) if gen is not None else 0,
     })
     if bp is not None:
         b = bp.to_json()
-        st.plan = st.plan.with_(predictions={**st.plan.predictions, "budget": {
-            k: b[k] for k in ("fits", "budget_bytes", "predicted_peak_bytes", "predicted_decode_s_per_token",
-                              "solver")}})
+        budget = {k: b[k] for k in ("fits", "budget_bytes", "predicted_peak_bytes", "predicted_decode_s_per_token",
+                                    "solver")}
+        st.plan = st.plan.with_(predictions={**st.plan.predictions, "budget": {**budget, **(st.fits or {})}})
+
+
+def _stage_fits(st: CompileState) -> None:
+    """A budget plan's promise, checked on the rewritten programs as they will be emitted: the bytes they hold
+    on the device (weights, KV caches, arena, staging slots, other tensors; memopt/emit/fits.py) go into the
+    Plan beside the prediction, and a model over its budget is an error naming the gap and its cause."""
+    from memopt.emit.fits import check_fits, layer_names, measured_json, promise, resident_bytes
+
+    promised = promise(st.budget_plan)
+    held = resident_bytes({"program": st.gm, "generate": st.gen.captured.exported if st.gen is not None else None},
+                          layer_names(promised))
+    st.fits = {"promise": promised, "measured": measured_json(held, promised)}  # the plan stage records it
+    check_fits(held, promised)
 
 
 # The compile, as a list of stages: (name, function, whether it runs). Rewrite passes run when the resolved
@@ -502,11 +578,13 @@ STAGES = (
     ("capture", _stage_capture, lambda st: True),
     ("budget", _stage_budget, lambda st: st.config.budget is not None),
     ("quantize", _stage_quantize, lambda st: "quantize" in st.passes),
+    ("weights", _stage_weights, lambda st: st.src.weights is not None),  # streamed sources: the rest is read here
     ("offload", _stage_offload, lambda st: "offload" in st.passes),
     ("kv_offload", _stage_kv_offload, lambda st: "kv_offload" in st.passes),
     ("kv", _stage_kv, lambda st: "kv" in st.passes),
     ("analyze", _stage_analyze, lambda st: True),
     ("arena", _stage_arena, lambda st: "arena" in st.passes),
+    ("fits", _stage_fits, lambda st: st.budget_plan is not None),
     ("plan", _stage_plan, lambda st: True),
 )
 
@@ -518,8 +596,6 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, con
     says what to do. `calibration` (GPTQ and outlier formats): a text file path or a list of texts for a
     model with a tokenizer (default: the bundled calibration text), or a list of args tuples for the model
     (default: its example inputs)."""
-    from memopt.emit.plan_check import check_plan
-
     if config is None:
         texts = calibration if isinstance(calibration, (str, Path)) or (
             isinstance(calibration, (list, tuple)) and all(isinstance(c, str) for c in calibration)) else None
@@ -529,30 +605,49 @@ def compile_model(model: Any = None, example_inputs: Sequence | None = None, con
     if config.budget is not None:
         _check_budget_quantize(config.quantize)
     say = (lambda m: print(f"memopt: {m}", file=sys.stderr, flush=True)) if verbose else (lambda m: None)
-    src, notes = _source_for(model, example_inputs, config)
+    src, notes = source_for(model, example_inputs, config)
     check_source(src, batch=config.batch, seq=config.seq, max_cache=config.max_cache, budget=config.budget,
                  kv=config.kv, offload_kv=config.offload_kv, generation=config.generation, quantize=config.quantize,
                  calibration=calibration if calibration is not None else config.calibration)
-    st = _State(config, src, say, calibration if calibration is not None else config.calibration,
-                list(config.passes), target=get_target(config.target), notes=notes)
+    st = CompileState(config, src, say, calibration if calibration is not None else config.calibration,
+                      list(config.passes), target=get_target(config.target), notes=notes)
+    run_stages(st)
+    return finish(st)
+
+
+def run_stages(st: CompileState, *, skip: Sequence[str] = ()) -> None:
+    """Run every stage of `STAGES` that applies to `st`, in order, except those named in `skip` (a caller that
+    captured the programs itself skips "capture"; `memopt.emit.stages` compiles pipeline stages this way)."""
     for name, stage, runs in STAGES:
-        if runs(st):
+        if name not in skip and runs(st):
             stage(st)
             st.ran.append(name)
-    generator = st.gen.module() if st.gen is not None else None
+
+
+def finish(st: CompileState) -> CompileResult:
+    """The emitted module after the stages: the generation program exported once more, the Plan checked
+    against both programs (it says what they do), the result the caller gets."""
+    from memopt.emit.plan_check import check_plan
+
+    gen = st.gen.captured if st.gen is not None else None
+    generator = gen.module() if gen is not None else None
     if generator is not None and st.kv_meta is not None:
         generator.meta["memopt_kv"] = st.kv_meta
     check_plan(st.plan, {"program": st.gm, "generate": generator})  # the plan says what the programs do
-    module = OptimizedModule(st.gm, st.plan, {"notes": st.notes}, generator=generator, tokenizer=src.tokenizer)
-    result = CompileResult(module, st.plan, src, st.captured, st.analysis, st.before, st.gen, st.notes, config)
+    module = OptimizedModule(st.gm, st.plan, {"notes": st.notes}, generator=generator, tokenizer=st.src.tokenizer)
+    result = CompileResult(module, st.plan, st.src, st.fwd.captured, st.analysis, st.before, gen, st.notes, st.config)
     module.programs = result.programs  # what memopt.save writes
     return result
 
 
-def _source_for(model: Any, example_inputs: Sequence | None, config: CompileConfig) -> tuple[ModelSource, list]:
+def source_for(model: Any, example_inputs: Sequence | None, config: CompileConfig) -> tuple[ModelSource, list]:
     """The model as a source with real weights; a float32 model under a budget is served in bfloat16, the
     16-bit dtype the budget planner prices."""
-    src = _as_source(model, example_inputs, config.dtype)
+    # streamed weights (memopt/frontend/weights.py): a GGUF / safetensors source named by a string is read a tensor
+    # at a time when no stage runs the loaded model (a budget plan, calibrating formats)
+    stream = isinstance(model, str) and config.budget is None and not needs_calibration(config.quantize)
+    src = resolve_source(model, dtype=config.dtype, stream=True) if stream else _as_source(model, example_inputs,
+                                                                                            config.dtype)
     notes = []
     if config.budget is not None and src.dtype == torch.float32 and config.dtype is None:
         src = _to_bf16(src, copy=not (model is None or isinstance(model, str)))  # never cast the caller's model
@@ -576,31 +671,55 @@ def _to_bf16(src: ModelSource, copy: bool = True) -> ModelSource:
                        src.weights_bytes_override, list(src.notes))
 
 
-def _state_tensors(captured: Captured) -> dict[str, torch.Tensor]:
-    """The program's weights: tensors named after a module's weight or bias (`...weight`, `...weight_q`,
-    `...weight_scale`, `...bias`), never state the graph updates (KV caches, their position counters,
-    offload staging slots), which must stay private to one program even while it equals another's."""
-    ep = captured.exported
-    mutated = set(ep.graph_signature.buffers_to_mutate.values())
-    out = {}
-    for table in (ep.state_dict, ep.constants):
-        for name, t in table.items():
-            leaf = name.rsplit(".", 1)[-1]
-            if (isinstance(t, torch.Tensor) and (leaf.startswith("weight") or leaf == "bias") and name not in mutated
-                    and not is_kv(name) and not is_offload(name)):
-                out[name] = t
+def _tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every tensor `gm` holds by qualified name: parameters, buffers and plain tensor attributes (constants)."""
+    out = dict(gm.named_parameters(remove_duplicate=False))
+    out.update(gm.named_buffers(remove_duplicate=False))
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in out:
+            t = _get(gm, node.target)
+            if isinstance(t, torch.Tensor):
+                out[node.target] = t
     return out
 
 
-def _share_state(src: Captured, dst: Captured) -> int:
+def _get(gm: nn.Module, name: str):
+    owner, _, leaf = name.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, leaf, None)
+
+
+def _bind(gm: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Make `gm`'s tensor `name` the very tensor `t` (a parameter stays a parameter)."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = gm.get_submodule(owner_name) if owner_name else gm
+    old = getattr(owner, leaf)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = t if isinstance(t, nn.Parameter) else nn.Parameter(t.detach(), old.requires_grad)
+    elif leaf in owner._buffers:
+        owner._buffers[leaf] = t.detach() if isinstance(t, nn.Parameter) else t
+    else:
+        setattr(owner, leaf, t.detach() if isinstance(t, nn.Parameter) else t)
+
+
+def _state_tensors(gm: torch.fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The program's weights: tensors named after a module's weight or bias (`...weight`, `...weight_q`,
+    `...weight_scale`, `...bias`), never state the graph updates (KV caches, their position counters,
+    offload staging slots), which must stay private to one program even while it equals another's."""
+    return {name: t for name, t in _tensors(gm).items()
+            if (name.rsplit(".", 1)[-1].startswith("weight") or name.rsplit(".", 1)[-1] == "bias")
+            and not is_kv(name) and not is_offload(name)}
+
+
+def _share_state(src: torch.fx.GraphModule, dst: torch.fx.GraphModule) -> int:
     """Bind `dst`'s weights to `src`'s tensors of the same name where the two programs hold equal ones, so a
     decoder's forward and generation programs keep one copy of each weight in memory (a budget counts it
     once). Only same-named weights: equal tensors of different layers (e.g. norms still at their init) stay
     apart, as the offload pass needs each block's weights to be its own. Returns how many weight tensors the
-    two programs then hold in common (re-bound here, or already the same tensors: quantized ones reused)."""
+    two programs then hold in common (re-bound here, or already the same tensors: quantized ones reused).
+    Exporting a module again keeps its tensor objects, so the sharing holds in the emitted programs."""
     mine = _state_tensors(src)
     ptrs = {t.untyped_storage().data_ptr() for t in mine.values() if t.device.type != "meta"}
-    ep, shared = dst.exported, 0
+    shared = 0
     for name, t in _state_tensors(dst).items():
         same = mine.get(name)
         if same is t or (t.device.type != "meta" and t.untyped_storage().data_ptr() in ptrs):
@@ -609,32 +728,27 @@ def _share_state(src: Captured, dst: Captured) -> int:
         if same is None or same.shape != t.shape or same.dtype != t.dtype or same.device != t.device \
                 or not torch.equal(same, t):
             continue
-        table = ep.state_dict if name in ep.state_dict else ep.constants
         # the very tensor object, not a view of it: runtime ops may tag a buffer (the CPU int4 kernel
         # rewrites its layout in place and marks the tensor), and both programs must see that mark
-        table[name] = same if isinstance(same, nn.Parameter) == isinstance(t, nn.Parameter) else (
-            nn.Parameter(same.detach(), t.requires_grad) if isinstance(t, nn.Parameter) else same.detach())
+        _bind(dst, name, same)
         shared += 1
     return shared
 
 
-def _share_offload(src: Captured, dst: Captured) -> None:
+def _share_offload(src: torch.fx.GraphModule, dst: torch.fx.GraphModule) -> None:
     """One set of offload buffers for both programs of a decoder: the host copy of each block (read-only,
     equal in both) and the device staging slots (scratch each program fills before every read; the two
     programs never run at once), so the device holds the plan's prefetch buffers once, not twice."""
-    theirs = {n: t for n, t in [*src.exported.state_dict.items(), *src.exported.constants.items()]
-              if n.startswith(OFFLOAD_PREFIX)}
-    ep = dst.exported
-    for table in (ep._state_dict, ep._constants):
-        for name, t in list(table.items()):
-            other = theirs.get(name)
-            if other is None or other.shape != t.shape or other.dtype != t.dtype or other.device != t.device:
-                continue
-            if name.startswith(SLOT_PREFIX) or torch.equal(other, t):
-                table[name] = other
+    theirs = {n: t for n, t in _tensors(src).items() if n.startswith(OFFLOAD_PREFIX)}
+    for name, t in _tensors(dst).items():
+        other = theirs.get(name)
+        if other is None or other is t or other.shape != t.shape or other.dtype != t.dtype or other.device != t.device:
+            continue
+        if name.startswith(SLOT_PREFIX) or torch.equal(other, t):
+            _bind(dst, name, other)
 
 
-def _input_specs(src: ModelSource, args: tuple) -> tuple:
+def input_specs(src: ModelSource, args: tuple) -> tuple:
     specs = []
     for i, a in enumerate(args):
         if not isinstance(a, torch.Tensor):

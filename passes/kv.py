@@ -23,6 +23,7 @@ a store bounded to the window); anything else (an ALiBi bias, a mask that differ
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -317,6 +318,9 @@ def _mask_program(gm, mask: torch.fx.Node, layer: int, cache: torch.Tensor):
                 args.append(torch.tensor([position], dtype=torch.long, device=device))
             elif "input_ids" in node.name:
                 args.append(torch.zeros((batch, 1), dtype=torch.long, device=device))
+            elif "inputs_embeds" in node.name:  # a pipeline stage's hidden states (memopt.emit.stages)
+                val = node.meta["val"]
+                args.append(torch.zeros((batch, 1, int(val.shape[-1])), dtype=val.dtype, device=device))
             else:
                 raise ValueError(f"layer {layer}: its attention mask depends on the input {node.name!r}; "
                                  "KVCompressionPass reads masks that depend on the position only")
@@ -426,6 +430,22 @@ def with_rope(gm, layouts: tuple[Layout, ...]) -> tuple[Layout, ...]:
 
 def _tensor(gm, target: str) -> torch.Tensor:
     return getattr(gm, target)
+
+
+def planned_cache_bytes(gm, policy: AnyKVPolicy, context: int | None = None) -> dict[int, int]:
+    """layer -> the bytes its cache holds once this pass rewrites `gm` under `policy` (the very layouts the
+    pass would register, sliding windows included), without rewriting anything; what the budget planner charges
+    for a compressed cache. A layer the pass would refuse raises the pass's ValueError."""
+    sites = find_cache_sites(gm)
+    if not sites:
+        return {}
+    batch, kv_heads, cache_len, head_dim = tuple(_tensor(gm, sites[0].key_attr.target).shape)
+    out = {}
+    for s in sites:
+        layouts = for_attention(with_rope(gm, policy.layer_layouts(s.layer, kv_heads, head_dim, context or cache_len)),
+                                s)
+        out[s.layer] = sum(math.prod(shape) * dtype.itemsize for x in layouts for _, shape, dtype in x.buffers(batch))
+    return out
 
 
 def kv_buffer_bytes(gm) -> int:

@@ -243,7 +243,7 @@ def _pack(gm, weights: dict[str, list[fx.Node]], pin: bool) -> tuple[torch.Tenso
         t = get_tensor(gm, fqn)
         layout[fqn] = (offset, t.shape, t.dtype)
         offset += -(-t.nbytes // ALIGN_BYTES) * ALIGN_BYTES
-    host = torch.empty(max(offset, 1), dtype=torch.uint8, pin_memory=pin)
+    host = torch.zeros(max(offset, 1), dtype=torch.uint8, pin_memory=pin)  # padding too: an artifact holds no stray heap bytes
     for fqn, (o, shape, dtype) in layout.items():
         if shape.numel():
             host[o : o + shape.numel() * dtype.itemsize].view(dtype).view(shape).copy_(get_tensor(gm, fqn).detach())

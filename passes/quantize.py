@@ -52,6 +52,9 @@ from memopt.passes.weight_sites import (
 
 import memopt.runtime.moe_ops as moe
 import memopt.runtime.quant_ops as qops
+from memopt.frontend.weights import holds_streamed, is_streamed, materialize, real, release_freed_memory, row_blocks
+
+_ROW_BLOCK_BYTES = 8 * 2**20  # row-wise quantizers run on blocks of rows of at most this many float32 bytes
 
 
 def quantized_weight_bytes(gm) -> int:
@@ -109,6 +112,7 @@ class QuantizePass(Pass):
         from memopt.passes.lossless import LosslessPass
 
         if isinstance(self.config, LosslessConfig):
+            materialize(gm)  # streamed weights (memopt/frontend/weights.py): the codec reads them all
             return LosslessPass(self.config, self.include, self.skip, reuse=self.reuse)(gm, plan)
         sites, notes = weight_sites(gm)
         configs = self._configs(sites, plan)
@@ -135,16 +139,25 @@ class QuantizePass(Pass):
             raise ValueError(f"quantize {what}: no weight of this graph could be quantized"
                              + (": " + "; ".join(notes[:6]) if notes else " (no linear, embedding or expert weight "
                                 "matched include/skip)"))
+        if stats_nodes and holds_streamed(gm):
+            materialize(gm)  # calibration runs the graph: every weight read now
         stats = self._calibrate(gm, todo, stats_nodes)
         notes += _thin_calibration(todo, stats) + _rtn_experts(todo)
         record = gm.meta.setdefault("memopt_weights", {})
         for s, cfg in todo:
-            w = get_attr_path(gm, s.target).detach()
+            w = get_attr_path(gm, s.target)
+            streamed = given[s.target] is None and is_streamed(w)  # given: reused tensors, the weight is not read
+            if given[s.target] is None and not (streamed and _rowwise(s, cfg)):
+                w = real(w)  # a streamed weight (memopt/frontend/weights.py) is read whole here, else block by block
+            w = w if is_streamed(w) else w.detach()
             fmt = _rewrite_site(gm, s, cfg, w, _merge([stats[n.name] for n in s.linears if n.name in stats]),
                                 given[s.target])
             record[s.layer] = {"weight": s.target, "format": fmt, "fp_bytes": w.nbytes,
                                "bytes": _site_bytes(gm, s.target)}
             delete_weight(gm, s)
+            if streamed:  # its float copy and the quantizer's temporaries are garbage now: return them
+                del w
+                release_freed_memory()
         if todo:
             _share_rotations(gm)
             gm.graph.lint()
@@ -153,8 +166,10 @@ class QuantizePass(Pass):
             q = sum(record[s.layer]["bytes"] for s, _ in todo)
             notes.insert(0, f"quantized {len(todo)} weights: {fp / 2**20:.2f} MiB -> {q / 2**20:.2f} MiB")
         if lossless:
+            materialize(gm)
             sub = LosslessPass(configs[lossless[0]], include=lossless, reuse=self.reuse)(gm, None)
             return PassResult(gm, bool(todo) or sub.modified, notes + sub.notes)
+        materialize(gm)  # streamed weights no format rewrote (norms, skipped layers): bound now, once per tensor
         return PassResult(gm, bool(todo), notes)
 
     def _calibrate(self, gm, todo, nodes) -> dict[str, LinearStats]:
@@ -268,7 +283,7 @@ def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | 
         if given:
             q, scales = given["q"], given["scale"]
         else:
-            q, scales = qops.quantize_int8_rows(w)
+            q, scales = _by_rows(qops.quantize_int8_rows, w)
             scales = scales.to(w.dtype) if s.embeddings else scales
         q_node = set_buffer(gm, s.target + "_q", q, s.attr)
         s_node = set_buffer(gm, s.target + "_scale", scales, q_node)
@@ -298,16 +313,46 @@ def _rewrite_site(gm, s: WeightSite, cfg, w: torch.Tensor, stats: LinearStats | 
     if cfg.method == "gptq":
         q, scales, zeros, w_final = gptq_int4(w, hessian, g, keep=keep)
         packed = qops.pack_int4(q)
+    elif keep is None:
+        packed, scales, zeros = _by_rows(lambda rows: qops.quantize_int4_groups(rows.float(), g), w)
     else:
         w_final = w.float().clone()
-        if keep is not None:
-            w_final[:, keep] = 0.0
+        w_final[:, keep] = 0.0
         packed, scales, zeros = qops.quantize_int4_groups(w_final, g)
         w_final = w.float()
     tensors = [packed, scales, zeros]
     if keep is not None:
         tensors += [keep, w_final[:, keep].to(torch.bfloat16)]
     return _wire_int4(gm, s, g, tensors, cfg.spec, rot)
+
+
+def _rowwise(s: WeightSite, cfg) -> bool:
+    """Whether the site's quantizer reads its weight a block of rows at a time (`_by_rows`): int8 rows, and int4
+    round-to-nearest without a rotation or outliers (both read whole columns)."""
+    if s.grouped:
+        return False
+    if isinstance(cfg, Int8WeightConfig) or s.embeddings:
+        return True
+    return cfg.method != "gptq" and not cfg.hadamard and not cfg.outlier_fraction
+
+
+def _by_rows(quantize, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`quantize(w)` for a quantizer whose every output row depends on its input row alone (int8 per row, int4 per
+    group), run on blocks of rows written into the outputs: the same tensors, without full-size float temporaries
+    (and for a streamed weight without its whole float copy: blocks are read from the file one at a time)."""
+    step = max(1, _ROW_BLOCK_BYTES // max(1, 4 * w[0].numel()))
+    if w.shape[0] <= step and not is_streamed(w):
+        return quantize(w)
+    outs = None
+    for i, block in zip(range(0, w.shape[0], step), row_blocks(w, step)):
+        parts = quantize(block)
+        if outs is None:
+            outs = tuple(torch.empty((w.shape[0], *p.shape[1:]), dtype=p.dtype) for p in parts)
+        for out, part in zip(outs, parts):
+            out[i:i + part.shape[0]] = part
+        del block, parts
+        release_freed_memory()  # the block's temporaries, before the next block's (malloc would keep them all)
+    return outs
 
 
 def _rewrite_experts(gm, s: WeightSite, cfg, w: torch.Tensor, given: dict[str, torch.Tensor] | None) -> str:

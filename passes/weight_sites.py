@@ -15,7 +15,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from memopt.frontend.weights import real
 
 LINEAR = torch.ops.aten.linear.default
 EMBEDDING = torch.ops.aten.embedding.default
@@ -131,14 +134,14 @@ def linearize_matmuls(gm) -> int:
     `mm(x, W)`, `matmul(x, W)`) as `aten.linear(x, W.T, b)`: W is replaced, under its own name, by its
     contiguous transpose, so the rest of the pass sees ordinary linears. A weight read any other way, or
     shared with another name, is left alone. Returns how many weights were rewritten."""
-    ptrs: dict[int, int] = {}
+    ptrs: dict = {}
     for _, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        ptrs[t.data_ptr()] = ptrs.get(t.data_ptr(), 0) + 1  # tied names: one tensor
+        ptrs[_data_key(t)] = ptrs.get(_data_key(t), 0) + 1  # tied names: one tensor
     done = 0
     for node in list(gm.graph.nodes):
         w = get_attr_path(gm, node.target) if node.op == "get_attr" else None
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or not node.users \
-                or ptrs.get(w.data_ptr(), 0) > 1:
+                or ptrs.get(_data_key(w), 0) > 1:
             continue
         forms = [(user, _as_linear(gm, user, node, w.shape[1])) for user in node.users]
         if not all(form for _, form in forms):
@@ -147,7 +150,7 @@ def linearize_matmuls(gm) -> int:
         owner = gm.get_submodule(owner_path) if owner_path else gm
         wt = _TRANSPOSED[w]() if w in _TRANSPOSED else None
         if wt is None:  # a decoder's second program reads the same weight: one transposed copy while both hold it
-            wt = w.detach().t().contiguous()
+            wt = real(w).detach().t().contiguous()  # a streamed weight is read here (memopt/frontend/weights.py)
             wt = torch.nn.Parameter(wt, requires_grad=False) if isinstance(w, torch.nn.Parameter) else wt
             _TRANSPOSED[w] = weakref.ref(wt)
         setattr(owner, name, wt)
@@ -160,6 +163,17 @@ def linearize_matmuls(gm) -> int:
         gm.graph.lint()
         gm.recompile()
     return done
+
+
+def storage_key(t: torch.Tensor):
+    """Equal for tensors on one storage (tied names): the data pointer (0 for an empty tensor, which shares with
+    none), or for a fake tensor (a streamed weight, no data) its storage's identity."""
+    return ("fake", t.untyped_storage()._cdata) if is_fake(t) else t.untyped_storage().data_ptr()
+
+
+def _data_key(t: torch.Tensor):
+    """`t.data_ptr()`, or for a fake tensor where in which storage its data would start."""
+    return (t.untyped_storage()._cdata, t.storage_offset()) if is_fake(t) else t.data_ptr()
 
 
 def get_attr_path(root, target: str):
@@ -198,15 +212,15 @@ def delete_attr(gm, target: str) -> None:
 def delete_weight(gm, site: WeightSite) -> None:
     """Drop the replaced weight and every alias of it (tied weights: export keeps one get_attr for the
     shared tensor, the other names stay as unused attributes that would keep its bytes alive)."""
-    ptr = get_attr_path(gm, site.target).untyped_storage().data_ptr()
+    ptr = storage_key(get_attr_path(gm, site.target))
     gm.graph.erase_node(site.attr)
     for node in list(gm.graph.nodes):
         val = get_attr_path(gm, node.target) if node.op == "get_attr" and not node.users else None
-        if isinstance(val, torch.Tensor) and ptr and val.untyped_storage().data_ptr() == ptr:
+        if isinstance(val, torch.Tensor) and ptr and storage_key(val) == ptr:
             gm.graph.erase_node(node)
     tensors = list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False))
     for name, t in tensors:
-        if ptr and t.untyped_storage().data_ptr() == ptr and get_attr_path(gm, name) is not None:
+        if ptr and storage_key(t) == ptr and get_attr_path(gm, name) is not None:
             delete_attr(gm, name)
 
 

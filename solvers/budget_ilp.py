@@ -11,6 +11,9 @@ the caller computes them (memopt/planning/cost.py does, for transformers). The s
   latency      = fixed_s + sum of layer times
   device bytes = fixed_bytes + sum(device_bytes + KV bytes) + prefetch_buffers * (max stream_bytes over
                  host-placed weights + max stream_bytes over host-placed KV caches)
+                 (`buffers_per_streamed_layer`: min(prefetch_buffers, layers streamed) buffers of each kind,
+                 as the offload passes allocate them; the levels below then also try one buffer, with at
+                 most one layer streaming)
                                                                           <= budget - reserve
   penalty      = sum of the chosen options' penalties                     <= max_quality_loss
   objective    "latency": latency + lam * penalty;  "quality": penalty first, then latency + lam * penalty
@@ -122,6 +125,10 @@ class BudgetProblem:
     context: int = 0
     batch: int = 1
     fixed_label: str = "activation arena"
+    # True: the passes allocate min(prefetch_buffers, layers streamed) buffers (passes/offload.py and
+    # passes/kv_offload.py), so a plan streaming one layer holds one; False: always prefetch_buffers
+    buffers_per_streamed_layer: bool = False
+    fixed_hint: str = ""  # what to do when the fixed bytes dominate (default: _HINTS["fixed"])
 
     def __post_init__(self):
         if not self.layers:
@@ -253,8 +260,10 @@ def _result(prob: BudgetProblem, pairs, members, choice: list[int], solver: Solv
                                           p.penalty, p.k.placement if p.k else "device", p.kv_stream)
     weights = sum(d.weight_bytes for d in decisions)
     kv = sum(d.kv_bytes for d in decisions)
-    prefetch = prob.prefetch_buffers * max((d.stream_bytes for d in decisions), default=0)
-    staging = prob.prefetch_buffers * max((d.kv_stream_bytes for d in decisions), default=0)
+    streamed = [d.stream_bytes for d in decisions if d.stream_bytes]
+    kv_streamed = [d.kv_stream_bytes for d in decisions if d.kv_stream_bytes]
+    prefetch = _buffers(prob, len(streamed)) * max(streamed, default=0)
+    staging = _buffers(prob, len(kv_streamed)) * max(kv_streamed, default=0)
     peak = weights + kv + prefetch + staging + prob.fixed_bytes
     latency = prob.fixed_s + sum(d.time_s for d in decisions)
     penalty = sum(d.penalty for d in decisions)
@@ -273,14 +282,20 @@ def _key(prob: BudgetProblem, r: BudgetResult) -> tuple:
     return (0, r.objective_value, 0.0)
 
 
+def _buffers(prob: BudgetProblem, streamed: int) -> int:
+    """Prefetch (or staging) buffers a plan streaming `streamed` layers holds."""
+    return min(prob.prefetch_buffers, streamed) if prob.buffers_per_streamed_layer else prob.prefetch_buffers
+
+
 # ---------------------------------------------------------------- greedy baseline
 def _peak(prob, pairs, members, choice) -> int:
-    total, stream, kv_stream = prob.fixed_bytes, 0, 0
+    total, stream, kv_stream, n, n_kv = prob.fixed_bytes, 0, 0, 0, 0
     for c, mem in enumerate(members):
         for i in mem:
             p = pairs[c][choice[i]]
             total, stream, kv_stream = total + p.bytes, max(stream, p.stream), max(kv_stream, p.kv_stream)
-    return total + prob.prefetch_buffers * (stream + kv_stream)
+            n, n_kv = n + (p.stream > 0), n_kv + (p.kv_stream > 0)
+    return total + _buffers(prob, n) * stream + _buffers(prob, n_kv) * kv_stream
 
 
 def _greedy_choice(prob: BudgetProblem, pairs, members) -> list[int]:
@@ -341,46 +356,62 @@ def _ref(prob: BudgetProblem, pairs) -> float:
     return max(max((p.time_s for ps in pairs for p in ps), default=0.0), 1e-12) * len(prob.layers)
 
 
-def _levels(prob: BudgetProblem, pairs) -> list[tuple[int, int]]:
-    """Candidate (weight prefetch buffer, KV staging buffer) sizes: no streaming, or any streamed option's size."""
+def _levels(prob: BudgetProblem, pairs) -> list[tuple[int, int, int, int]]:
+    """Candidate (weight prefetch buffer, KV staging buffer) sizes: no streaming, or any streamed option's size;
+    each with its number of buffers (with `buffers_per_streamed_layer`, also one buffer for one streamed layer)."""
+    def counts(size: int) -> list[int]:
+        if not size:
+            return [0]
+        return sorted({1, prob.prefetch_buffers}) if prob.buffers_per_streamed_layer else [prob.prefetch_buffers]
+
     weights = {0} | {p.stream for ps in pairs for p in ps}
     kv = {0} | {p.kv_stream for ps in pairs for p in ps}
-    return sorted((w, k) for w in weights for k in kv)
+    return sorted((w, k, nw, nk) for w in weights for k in kv for nw in counts(w) for nk in counts(k))
 
 
-def _within(p: _Pair, level: tuple[int, int]) -> bool:
+def _within(p: _Pair, level: tuple[int, int, int, int]) -> bool:
     return p.stream <= level[0] and p.kv_stream <= level[1]
 
 
-def _level_ok(prob: BudgetProblem, pairs, members, mode: str, level: tuple[int, int]) -> bool:
+def _charge(prob: BudgetProblem, level: tuple[int, int, int, int]) -> int:
+    """Fixed bytes plus the level's buffers."""
+    return prob.fixed_bytes + level[2] * level[0] + level[3] * level[1]
+
+
+def _level_ok(prob: BudgetProblem, pairs, members, mode: str, level: tuple[int, int, int, int]) -> bool:
     """Every layer has an option streaming at most `level`, and (unless minimizing memory) the
     smallest such options fit."""
     smallest = [min((p.bytes for p in ps if _within(p, level)), default=None) for ps in pairs]
     if None in smallest:
         return False
-    need = prob.fixed_bytes + prob.prefetch_buffers * sum(level) + sum(len(m) * b for m, b in zip(members, smallest))
+    need = _charge(prob, level) + sum(len(m) * b for m, b in zip(members, smallest))
     return mode == "memory" or need <= prob.capacity_bytes
 
 
-def _build(prob: BudgetProblem, pairs, members, mode: str, level: tuple[int, int], pen_cap: float | None = None):
+def _build(prob: BudgetProblem, pairs, members, mode: str, level: tuple[int, int, int, int], pen_cap: float | None = None):
     """The ILP with the staging buffers fixed at `level` bytes (only options streaming at most that).
     mode: "latency" (latency + lam * penalty), "penalty" or "memory". Returns (problem, counts) or None."""
     if not _level_ok(prob, pairs, members, mode, level):
         return None
     allowed = [[j for j, p in enumerate(ps) if _within(p, level)] for ps in pairs]
-    charge = prob.fixed_bytes + prob.prefetch_buffers * sum(level)
+    charge = _charge(prob, level)
     lp = pulp.LpProblem("budget", pulp.LpMinimize)
     n = [{j: pulp.LpVariable(f"n{c}_{j}", 0, len(members[c]), cat="Integer") for j in allowed[c]}
          for c in range(len(pairs))]
     terms = [(pairs[c][j], v) for c in range(len(pairs)) for j, v in n[c].items()]
     for c in range(len(pairs)):
         lp += pulp.lpSum(n[c].values()) == len(members[c])
+    if level[0] and level[2] < prob.prefetch_buffers:  # one buffer: at most one layer streams its weights
+        lp += pulp.lpSum(v for p, v in terms if p.stream) <= level[2]
+    if level[1] and level[3] < prob.prefetch_buffers:
+        lp += pulp.lpSum(v for p, v in terms if p.kv_stream) <= level[3]
     memory = pulp.lpSum(p.bytes / MIB * v for p, v in terms) + charge / MIB
     penalty = pulp.lpSum(p.penalty * v for p, v in terms)
     ref = _ref(prob, pairs)
     latency = pulp.lpSum((p.time_s + prob.lam * p.penalty) / ref * v for p, v in terms)
     if mode != "memory":
         lp += memory <= (prob.capacity_bytes + 0.5) / MIB  # MiB units: CBC's 1e-7 tolerance is under a byte
+    lp.memory_mib = memory  # `_solve_levels` tightens it when CBC's tolerances let a plan over by a few bytes
     cap = prob.max_quality_loss if pen_cap is None else pen_cap
     if cap is not None:
         lp += penalty <= cap
@@ -453,6 +484,13 @@ def _solve_levels(prob: BudgetProblem, pairs, members, mode: str, deadline: floa
             continue  # this level cannot beat the incumbent
         share = 1.0 if k == len(models) - 1 else 0.5  # the most promising level gets half of what is left
         choice, state = _run(lp, n, members, (deadline - time.perf_counter()) * share, best)
+        for margin in (64, 4096, 2**18):  # over by a few bytes (CBC's tolerances, ~1e-9 of the total): cut them off
+            r = _result(prob, pairs, members, choice, None) if choice is not None else None
+            over = r.predicted_peak_bytes - prob.capacity_bytes if r is not None and mode != "memory" else 0
+            if not 0 < over <= MIB:
+                break
+            lp += lp.memory_mib <= (prob.capacity_bytes - margin) / MIB
+            choice, state = _run(lp, n, members, max(deadline - time.perf_counter(), 0.05) * share, best)
         if state not in ("optimal", "infeasible"):
             open_bounds.append(bound)
         if choice is not None:
@@ -575,7 +613,7 @@ def _infeasible(prob: BudgetProblem, status: str, elapsed: float) -> BudgetInfea
     else:
         dominant, what = _dominant(prob, small)
         msg = f"{what}; the smallest plan needs {_gib(small.predicted_peak_bytes)}, {budget}"
-    msg += ": " + _HINTS[dominant]
+    msg += ": " + (prob.fixed_hint if dominant == "fixed" and prob.fixed_hint else _HINTS[dominant])
     if status != "infeasible":
         msg += f" (the ILP stopped early: {status}; a longer time_limit_s may find a plan)"
     report = SolverReport("budget-ilp-cbc", "infeasible", elapsed, math.nan, small.objective_value, math.inf,

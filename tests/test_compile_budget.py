@@ -152,12 +152,13 @@ def test_decoder_programs_share_offload_slots_and_keep_blocks_apart():
 
 def test_budget_int4_layers_quantized_the_way_quantize_says():
     """--budget picks which layers are int4 (and the group); --quantize int4:gptq:had picks how."""
-    kw = dict(seq=256, budget="1500KiB", target="custom:mem=4GiB,bw=100GB/s")
+    # (1500 KiB gave a plan that held 1,697,632 bytes; priced as stored, 1800 KiB is the budget for int4 layers)
+    kw = dict(seq=256, budget="1800KiB", target="custom:mem=4GiB,bw=100GB/s")
     result = compile_model("demo", quantize="int4:gptq:had", **kw)
     assert result.plan.predictions["budget"]["fits"]
     rows = {d.name: d for d in result.plan.decisions}
-    embed = rows.pop("model.model.embed_tokens")  # the budget plan keeps it bf16 and streams it from the host
-    assert (embed.weight_format, embed.placement) == ("native", "host")
+    embed = rows.pop("model.model.embed_tokens")  # int8 rows on the device: cheaper than streaming bf16 from the host
+    assert (embed.weight_format, embed.placement) == ("int8", "device")
     assert {d.weight_format for d in rows.values()} == {"int4:g64:gptq:had"}
     assert any(n.target is torch.ops.memopt.hadamard.default for n in result.captured.graph.nodes)
     ids = result.captured.example_inputs[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,31 @@ def test_no_import_cycles():
     for m in graph:
         if m not in state:
             visit(m, [])
+
+
+def test_each_program_is_exported_once_after_its_passes(monkeypatch):
+    """Quantize + offload + KV offload + KV compression: each program is exported when captured and once
+    more after all its rewrite passes (the passes hand GraphModules to each other), not once per pass; the
+    Plan still says what the programs hold."""
+    import torch
+
+    from memopt.pipeline import compile_model
+
+    exported = []
+    real = torch.export.export
+
+    def counting(module, *args, **kwargs):
+        exported.append(type(module).__name__)
+        return real(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.export, "export", counting)
+    result = compile_model("demo", seq=32, quantize="int8", offload=["model.layers.1"], offload_kv=[0], kv="kivi:4")
+    assert result.plan.passes == ("quantize", "offload", "kv_offload", "kv", "arena")
+    assert len(exported) == 4, exported  # capture: forward + generation; again after the passes: one each
+    rows = {d.name: d for d in result.plan.decisions}
+    assert rows["model.model.layers.1"].placement == "host"
+    assert rows["model.model.layers.0"].kv_placement == "host"
+    layers = [d for name, d in rows.items() if re.fullmatch(r"model\.model\.layers\.\d+", name)]
+    assert len(layers) >= 2 and all(d.kv_policy.startswith("kivi:k4v4:") for d in layers if d.kv_placement != "host")
+    prompt = torch.tensor([[5, 17, 99, 4, 8, 21]])
+    assert result.module.generate(prompt, 4).shape == (1, 4)

@@ -33,15 +33,17 @@ CASES = {
         dict(offload=["model.layers.2"], kv="kivi:k4v2:g32:r32"),
         {"model.model.layers.2"}, {b: "kivi:k4v2:g32:r32" for b in LAYERS}, set(),
         {"model.model.layers.2": "native"}),
-    "budget-host-weights-and-kv": (  # int4 everywhere, blocks and KV caches on host
-        dict(budget="400KiB", kv_host=True, **BUDGET),
-        {"model.model.embed_tokens", *LAYERS[:3], "model.lm_head"}, {}, set(LAYERS),
-        {"model.model.embed_tokens": "native", "model.model.layers.0.self_attn.q_proj": "int4:g64",
+    # (budgets raised from 400 / 800 KiB: the plans those gave held 747,040 / 1,176,096 bytes, over their
+    # budgets; the planner now prices what the passes store, and 400 KiB is refused)
+    "budget-host-weights-and-kv": (  # int4 blocks and an int8 embedding, every block and KV cache on host
+        dict(budget="450KiB", kv_host=True, **BUDGET),
+        {"model.model.embed_tokens", *LAYERS, "model.lm_head"}, {}, set(LAYERS),
+        {"model.model.embed_tokens": "int8", "model.model.layers.0.self_attn.q_proj": "int4:g64",
          "model.lm_head": "int4:g64"}),
-    "budget-mixed-formats": (  # int4 and int8 blocks, the embedding on host
-        dict(budget="800KiB", **BUDGET),
-        {"model.model.embed_tokens"}, {}, set(),
-        {"model.model.layers.0": "int4:g64", "model.model.layers.3": "int8", "model.lm_head": "int8"}),
+    "budget-mixed-formats": (  # int4 and int8 blocks, all on the device
+        dict(budget="1100KiB", **BUDGET),
+        set(), {}, set(),
+        {"model.model.layers.0": "int4:g64", "model.model.layers.1": "int8", "model.lm_head": "int4:g64"}),
 }
 
 

@@ -57,6 +57,7 @@ _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_m
                     "chat_template.json", "vocab.txt", "vocab.json", "merges.txt", "added_tokens.json",
                     "tokenizer.model", "spiece.model", "sentencepiece.bpe.model"}
 _SHA = re.compile(r"[0-9a-f]{64}\Z")
+_STAGE_DIR = re.compile(r"stage[0-9]{1,4}\Z")  # memopt.emit.stages: `stage<r>/manifest.json` pins stage r's files
 _ZEROS_MIN_BYTES = 4096
 _MAX_SMALL_FILE = 1 << 30
 
@@ -227,7 +228,8 @@ def _check_name(name: object, where: Path) -> str:
             part in ("", ".", "..") for part in name.split("/")):
         raise ArtifactError(f"manifest of {str(where)!r} lists an unsafe path {str(name)[:60]!r}; refusing to load")
     top, _, rest = name.partition("/")
-    if not ((not rest and top in _TOP_FILES) or (top == "tokenizer" and rest in _TOKENIZER_FILES)):
+    if not ((not rest and top in _TOP_FILES) or (top == "tokenizer" and rest in _TOKENIZER_FILES)
+            or (_STAGE_DIR.match(top) and rest == MANIFEST)):  # a pipeline stage: an artifact of its own
         raise ArtifactError(f"manifest of {str(where)!r} lists {name[:60]!r}, a file memopt never writes; refusing "
                             "to load")
     return name

@@ -108,6 +108,7 @@ def export_onnx(exported, path: str | Path) -> Path:
     from memopt.runtime.quant_ops import canonicalize_int4_
 
     path = Path(path)
+    _check_exportable(exported)
     canonicalize_int4_([*exported.state_dict.values(), *exported.constants.values()])  # MatMulNBits' layout
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -116,6 +117,21 @@ def export_onnx(exported, path: str | Path) -> Path:
     _dedupe_constants(program.model)
     program.save(str(path))
     return path
+
+
+# mixture-of-experts matmuls over tokens sorted by expert (memopt.runtime.moe_ops): no ONNX operator computes them
+_GROUPED = ("aten._grouped_mm.default", "transformers.grouped_mm_fallback.default",
+            "memopt.grouped_linear_int8.default", "memopt.grouped_linear_int4.default")
+
+
+def _check_exportable(exported) -> None:
+    """One line before any work when the program has an op ONNX cannot express (a mixture-of-experts model's
+    grouped expert matmuls)."""
+    grouped = sorted({str(n.target) for n in exported.graph.nodes if str(n.target) in _GROUPED})
+    if grouped:
+        raise ValueError(f"--onnx: this model routes tokens to experts with grouped matmuls ({', '.join(grouped)}), "
+                         "which ONNX has no operator for; compile mixture-of-experts models without --onnx "
+                         "(the torch programs run them)")
 
 
 def _dedupe_constants(model) -> None:

@@ -70,6 +70,11 @@ class GGUFInfo:
 
 def read_gguf_header(path: str | Path) -> GGUFInfo:
     """Parse a GGUF file's header and tensor table without reading any tensor data."""
+    return read_gguf_layout(path)[0]
+
+
+def read_gguf_layout(path: str | Path) -> tuple[GGUFInfo, dict[str, int]]:
+    """The header, and where each tensor's data starts in the file (bytes from its beginning)."""
     path = _existing(path)
     file_bytes = path.stat().st_size
     with open(path, "rb") as f:
@@ -87,7 +92,7 @@ def read_gguf_header(path: str | Path) -> GGUFInfo:
     if file_bytes < data_end:
         raise ValueError(f"{path} is truncated: its tensor table needs {data_end} bytes, the file has "
                          f"{file_bytes}; re-download or re-copy the file")
-    return _info(path, metadata, tensors, file_bytes)
+    return _info(path, metadata, tensors, file_bytes), {entry[0]: data_start + entry[-1] for entry in entries}
 
 
 def kv_cache_bytes(info: GGUFInfo, batch: int, seq: int, dtype_bytes: int = 2) -> int:
@@ -121,7 +126,7 @@ def gguf_to_hf_config(info: GGUFInfo):
 
 def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32):
     """`(model, tokenizer)`, dequantized to `dtype` by transformers, in eval mode, from local files only."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = _existing(path)
     # Our config fails fast with our message, and spares transformers a second parse of the header
@@ -129,8 +134,15 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32):
     config = gguf_to_hf_config(read_gguf_header(path))
     where = dict(gguf_file=path.name, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), config=config, dtype=dtype, **where)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **where)
-    return model.eval(), tokenizer
+    return model.eval(), load_gguf_tokenizer(path)
+
+
+def load_gguf_tokenizer(path: str | Path):
+    """The tokenizer a GGUF file carries (transformers builds it from the file's vocabulary and merges)."""
+    from transformers import AutoTokenizer
+
+    path = _existing(path)
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
 def smollm2_path() -> Path:

@@ -60,6 +60,7 @@ class ModelSource:
     fixed_inputs: tuple | None = None
     weights_bytes_override: int | None = None  # bytes as stored (e.g. a GGUF file's packed tensors)
     notes: list[str] = field(default_factory=list)
+    weights: Any = None  # streamed: the WeightProvider the fake parameters read from (memopt/frontend/weights.py)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -274,10 +275,10 @@ def _minilm(dtype: torch.dtype | None) -> ModelSource:
                        notes=["minilm: all-MiniLM-L6-v2 (real weights), output = normalized mean-pooled embedding"])
 
 
-def _smollm2(dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
+def _smollm2(dtype: torch.dtype | None, load_weights: bool, stream: bool = False) -> ModelSource:
     from memopt.frontend import gguf
 
-    src = _from_gguf(gguf.smollm2_path(), dtype, load_weights)
+    src = _from_gguf(gguf.smollm2_path(), dtype, load_weights, stream)
     src.name = "smollm2"
     src.notes.append("smollm2: SmolLM2-135M-Instruct; its weights were quantized to Q4_1 before we see them")
     return src
@@ -286,7 +287,7 @@ def _smollm2(dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
 # ---------------------------------------------------------------- files and directories
 
 
-def _from_gguf(path: Path, dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
+def _from_gguf(path: Path, dtype: torch.dtype | None, load_weights: bool, stream: bool = False) -> ModelSource:
     from memopt.frontend import gguf
 
     info = gguf.read_gguf_header(path)
@@ -296,12 +297,49 @@ def _from_gguf(path: Path, dtype: torch.dtype | None, load_weights: bool) -> Mod
         return ModelSource(path.name, model, family, config, on_meta=True, weights_bytes_override=info.weights_bytes,
                            notes=[f"{path.name}: planned from the GGUF header; weights as stored in the file"])
     check_config_size(config, path.name)
+    why = "not asked"
+    if stream:
+        from memopt.frontend.weights import GGUFWeights
+
+        built = _streamed(path.name, config, dtype or torch.float32, lambda m: GGUFWeights(path, m))
+        if not isinstance(built, str):
+            model, family, provider = built
+            return ModelSource(path.name, model, family, model.config, tokenizer=gguf.load_gguf_tokenizer(path),
+                               weights=provider, notes=[f"{path.name}: weights streamed from GGUF, dequantized to "
+                                                        f"{model.dtype} one tensor at a time"])
+        why = built
     model, tokenizer = gguf.load_gguf_model(path, dtype=dtype or torch.float32)
+    note = f"{path.name}: loaded from GGUF, dequantized to {model.dtype}"
     return ModelSource(path.name, model, "causal_lm", model.config, tokenizer=tokenizer,
-                       notes=[f"{path.name}: loaded from GGUF, dequantized to {model.dtype}"])
+                       notes=[note + (f" (not streamed: {why})" if stream else "")])
 
 
-def _from_hf_dir(path: Path, dtype: torch.dtype | None, load_weights: bool) -> ModelSource:
+def _streamed(name: str, config, dtype: torch.dtype, provider_for: Callable) -> tuple[nn.Module, str, Any] | str:
+    """`(model, family, provider)`: the model with fake parameters that read from `provider_for(model)` when a pass
+    needs them and real buffers (memopt/frontend/weights.py), or a string saying why it cannot stream."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    from memopt.frontend.weights import stream_parameters
+
+    check_config_size(config, name)
+    check_architecture(config, name)
+    family = _family_of(config)
+    auto = AutoModelForCausalLM if family == "causal_lm" else AutoModel
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) computed
+        model = auto.from_config(config, dtype=dtype)
+    model.tie_weights()  # accelerate re-wraps each meta parameter as it is set, which undoes from_config's ties
+    if getattr(model, "_keep_in_fp32_modules", None) or getattr(model, "_keep_in_fp32_modules_strict", None):
+        return f"{type(model).__name__} keeps some modules in float32, which from_pretrained decides"
+    try:
+        provider = provider_for(model)
+    except (NotImplementedError, KeyError, ValueError) as exc:  # names transformers cannot map for this model
+        return f"its tensor names are not known ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    why = stream_parameters(model, provider)
+    return why or (model.eval(), family, provider)
+
+
+def _from_hf_dir(path: Path, dtype: torch.dtype | None, load_weights: bool, stream: bool = False) -> ModelSource:
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     if not (path / "config.json").is_file():
@@ -316,14 +354,38 @@ def _from_hf_dir(path: Path, dtype: torch.dtype | None, load_weights: bool) -> M
     check_config_size(config, path.name)
     check_architecture(config, path.name)
     family = _family_of(config)
-    auto = AutoModelForCausalLM if family == "causal_lm" else AutoModel
-    model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype or "auto").eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception:  # a model directory without a tokenizer is fine
         tokenizer = None
     pooled = (path / "modules.json").is_file() and family == "encoder"
-    return ModelSource(path.name, model, family, config, tokenizer=tokenizer, pooled=pooled)
+    streamed = _streamed_hf_dir(path, config, dtype) if stream else "not asked"
+    if not isinstance(streamed, str):
+        model, _, provider = streamed
+        return ModelSource(path.name, model, family, config, tokenizer=tokenizer, pooled=pooled, weights=provider,
+                           notes=[f"{path.name}: weights streamed from safetensors one tensor at a time"])
+    auto = AutoModelForCausalLM if family == "causal_lm" else AutoModel
+    model = auto.from_pretrained(path, local_files_only=True, trust_remote_code=False, dtype=dtype or "auto").eval()
+    return ModelSource(path.name, model, family, config, tokenizer=tokenizer, pooled=pooled,
+                       notes=[f"{path.name}: weights loaded whole (not streamed: {streamed})"] if stream else [])
+
+
+def _streamed_hf_dir(path: Path, config, dtype: torch.dtype | None) -> tuple[nn.Module, str, Any] | str:
+    """A Hugging Face directory streamed from its safetensors files, where from_pretrained would load each tensor
+    as stored under the model's own name (no .bin files, a dtype given or in the config), else why not."""
+    from memopt.frontend.weights import SafetensorsWeights
+
+    if any(path.glob("*.bin")) or not any(path.glob("*.safetensors")):
+        return "its weights are not all in *.safetensors files"
+    provider = SafetensorsWeights(path)
+    if dtype is None and getattr(config, "dtype", None) is None:  # from_pretrained's dtype="auto": the weights' dtype
+        found = provider.float_dtypes()
+        if len(found) != 1:
+            return f"its config names no dtype and its weights hold {len(found)} float dtypes"
+        dtype = found.pop()
+    import copy
+
+    return _streamed(path.name, copy.deepcopy(config), _config_dtype(config, dtype), lambda m: provider)
 
 
 def _read_config(file: Path):
@@ -413,9 +475,11 @@ def accepted_sources() -> str:
 
 
 def resolve_source(spec: str | None = None, *, dtype: str | torch.dtype | None = None,
-                   load_weights: bool = True) -> ModelSource:
+                   load_weights: bool = True, stream: bool = False) -> ModelSource:
     """Resolve a model source string (see the module docstring). `load_weights=False` lets big
-    local models and GGUF files be planned from their configs/headers on the meta device."""
+    local models and GGUF files be planned from their configs/headers on the meta device. `stream=True`: a GGUF
+    file or a safetensors directory gets fake parameters read one tensor at a time when a compile pass needs them
+    (`memopt.frontend.weights`; the model can be traced, not run), others load as usual."""
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise SourceError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
@@ -427,16 +491,16 @@ def resolve_source(spec: str | None = None, *, dtype: str | torch.dtype | None =
     if key == "minilm":
         return _minilm(dtype)
     if key == "smollm2":
-        return _smollm2(dtype, load_weights)
+        return _smollm2(dtype, load_weights, stream)
     if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
         return _from_factory(spec)
     path = Path(os.path.expanduser(spec))
     if key.endswith(".gguf"):
         if not path.is_file():
             raise SourceError(f"GGUF file {spec!r} does not exist")
-        return _from_gguf(path, dtype, load_weights)
+        return _from_gguf(path, dtype, load_weights, stream)
     if path.is_dir():
-        return _from_hf_dir(path, dtype, load_weights)
+        return _from_hf_dir(path, dtype, load_weights, stream)
     if key in preset_names():
         return _from_preset(key, dtype)
     if path.exists():

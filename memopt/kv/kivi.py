@@ -19,8 +19,9 @@ Both change only the quantized store (the bytes stay the same); a tensor kept at
 Packed storage: four 2-bit or two 4-bit values a byte, element i of a byte in bits
 [bits * i, bits * (i + 1)).
 
-Shapes: a block of keys (batch, heads, blocks, group_size, channels) -> packed
-(batch, heads, blocks, group_size, channels * bits / 8) uint8 + scale and zero (batch, heads, blocks, channels);
+Shapes: a block of keys (batch, heads, blocks, group_size, channels) -> packed along its tokens, channel by
+channel (the codes that share a scale together: a decode step reads a channel's block in one vector)
+(batch, heads, blocks, channels, group_size * bits / 8) uint8 + scale and zero (batch, heads, blocks, channels);
 values (batch, heads, blocks, group_size, head_dim) -> packed (..., head_dim * bits / 8) + scale and zero
 (batch, heads, blocks, group_size, head_dim / value_group).
 """
@@ -117,13 +118,15 @@ def quantize_groups(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor, Ten
 
 
 def quantize_keys(k: Tensor, bits: int) -> dict[str, Tensor]:
-    """Keys (batch, heads, blocks, group, channels) -> per-channel groups over the block's tokens."""
+    """Keys (batch, heads, blocks, group, channels) -> per-channel groups over the block's tokens, packed along
+    the tokens: store_kq (batch, heads, blocks, channels, group * bits / 8)."""
     q, scale, zero = quantize_groups(k, bits, dim=-2)
-    return {"store_kq": pack_bits(q, bits), "store_kscale": scale, "store_kzero": zero}
+    return {"store_kq": pack_bits(q.transpose(-1, -2), bits), "store_kscale": scale, "store_kzero": zero}
 
 
 def dequantize_keys(packed: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
-    q = unpack_bits(packed, bits).float()
+    """store_kq (batch, heads, blocks, channels, group * bits / 8) -> keys (batch, heads, blocks, group, channels)."""
+    q = unpack_bits(packed, bits).transpose(-1, -2).float()
     return q * scale.float().unsqueeze(-2) + zero.float().unsqueeze(-2)
 
 

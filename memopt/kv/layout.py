@@ -5,9 +5,10 @@ known; the runtime op (`memopt.runtime.kv_ops`) reads nothing else. Every layout
 regions, any of which may be empty, for a token stream at positions 0, 1, 2, ...:
 
     sinks     the first `sinks` tokens, full precision                (batch, heads, sinks, head_dim)
-    store     `blocks` blocks of `group` tokens: packed low-bit data    (batch, heads, blocks, group, ...)
-              (KIVI: keys per channel over the block's tokens, values per token over `value_group`
-              channels) or full precision; `key_channels` < head_dim keeps only ThinK's chosen channels
+    store     `blocks` blocks of `group` tokens: packed low-bit data    (batch, heads, blocks, ...)
+              (KIVI: keys per channel over the block's tokens, packed along the tokens; values per token
+              over `value_group` channels) or full precision; `key_channels` < head_dim keeps only ThinK's
+              chosen channels
     residual  a ring of the most recent `residual` tokens, full precision (batch, heads, residual, head_dim)
     scores    per residual token and per store block, fp32, when eviction is score-based (H2O)
 
@@ -80,6 +81,9 @@ class Layout:
                              "drop channels= or set pre_rope=False, hadamard=False")
         if self.residual and self.residual % self.group:
             raise ValueError(f"residual {self.residual} must be a multiple of group {self.group}")
+        if self.key_bits < 16 and (self.group * self.key_bits) % 8:
+            raise ValueError(f"{self.key_bits}-bit keys are packed along a block's {self.group} tokens, which must "
+                             f"fill whole bytes; use a group that is a multiple of {8 // self.key_bits}")
         if self.residual == 0 and self.group != 1 and self.blocks:
             raise ValueError(f"a store of {self.group}-token blocks needs a residual ring to collect them")
 
@@ -152,7 +156,7 @@ class Layout:
             if self.key_bits == 16:
                 out.append(("store_k", (b, h, nb, g, dk), fp))
             else:
-                out += [("store_kq", (b, h, nb, g, dk * self.key_bits // 8), torch.uint8),
+                out += [("store_kq", (b, h, nb, dk, g * self.key_bits // 8), torch.uint8),  # packed along tokens
                         ("store_kscale", (b, h, nb, dk), torch.float16), ("store_kzero", (b, h, nb, dk), torch.float16)]
             if self.value_bits == 16:
                 out.append(("store_v", (b, h, nb, g, d), fp))

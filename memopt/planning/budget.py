@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 
 from memopt.planning import cost
+from memopt.planning.captured import CapturedModel
 from memopt.planning.cost import FORMATS, KV_BITS, KVPolicy, LayerWeights, ModelShape
 from memopt.names import BLOCK_INDEX as _BLOCK_INDEX
 from memopt.planning.plan import LayerDecision, Plan, SolverReport
@@ -335,7 +336,7 @@ def _layer_options(shape: ModelShape, layer: LayerWeights, target: Target, confi
     tokens = 1 if shape.decoder else seq
     extra = cost.attention_time_s(shape, target, batch, seq, 0) if not shape.decoder and layer.kind == "block" else 0.0
     weights = []
-    for fmt in config.formats:
+    for fmt in (f for f in config.formats if layer.offers(f)):
         pen = _weight_penalty(layer, fmt, share, sens)
         compute = cost.weights_time_s(shape, layer, fmt, target, batch, tokens) + extra
         weights.append(WeightOption(fmt, "device", layer.bytes(fmt), 0, compute, 0.0, pen))
@@ -343,31 +344,51 @@ def _layer_options(shape: ModelShape, layer: LayerWeights, target: Target, confi
             stream = cost.stream_bytes(shape, layer, fmt, batch, tokens)
             weights.append(WeightOption(fmt, "host", 0, stream, compute, cost.transfer_time_s(stream, target), pen))
     kv = ()
-    if shape.decoder and layer.kind == "block":
-        kv = tuple(KVOption(b, cost.kv_layer_bytes(shape, batch, seq, b, policy),
+    exact = dict(layer.kv)  # a captured layer's caches, as the passes hold them (none: no generation program)
+    if shape.decoder and layer.kind == "block" and (exact or not layer.stored):
+        kv = tuple(KVOption(b, exact[b] if exact else cost.kv_layer_bytes(shape, batch, seq, b, policy),
                             cost.kv_decode_time_s(shape, target, batch, seq, b, policy),
-                            sens.get(layer.name, {}).get(b, KV_PENALTY[b] / shape.layers)) for b in config.kv_bits)
-        if config.kv_host and target.host_link > 0 and 16 in config.kv_bits:  # the offload pass streams 16 bits
-            full = kv[config.kv_bits.index(16)]
+                            sens.get(layer.name, {}).get(b, KV_PENALTY[b] / shape.layers))
+                   for b in config.kv_bits if not exact or b in exact)
+        if config.kv_host and target.host_link > 0 and any(k.bits == 16 for k in kv):  # the offload pass streams 16 bits
+            full = next(k for k in kv if k.bits == 16)
             kv += (KVOption(16, 0, full.compute_s, full.penalty, "host", full.bytes,
                             cost.kv_transfer_time_s(shape, target, batch, seq, 16, policy)),)
     return LayerOptions(layer.name, tuple(weights), kv)
 
 
+def _layers(shape: ModelShape, captured: CapturedModel | None) -> tuple[LayerWeights, ...]:
+    """The planned units: the captured programs' (exact bytes) or the cost model's from the config."""
+    if captured is None:
+        return cost.layer_weights(shape)
+    return tuple(replace(l, experts_per_token=min(shape.experts_per_token or 1, l.experts)) if l.experts else l
+                 for l in captured.layers)
+
+
 def budget_problem(shape: ModelShape, target: Target, config: BudgetConfig, *,
-                   sensitivity: dict | None = None) -> BudgetProblem:
+                   sensitivity: dict | None = None, captured: CapturedModel | None = None) -> BudgetProblem:
     """The solver's plain `BudgetProblem`: per-layer options from the cost model, the arena as fixed
-    bytes, lam resolved (None: LAM_FACTOR x the first format's on-device latency with the first KV bits)."""
+    bytes, lam resolved (None: LAM_FACTOR x the first format's on-device latency with the first KV bits).
+    `captured` (memopt/planning/captured.py): plan the captured programs' units, their exact bytes, the
+    offload and KV passes' real staging slots, the planned arena and the tensors no unit holds."""
     config = _resolved(config, shape, target)
-    layers = cost.layer_weights(shape)
+    layers = _layers(shape, captured)
     sens = _sensitivity(sensitivity, layers, shape)
     total = sum(l.params for l in layers)
     opts = tuple(_layer_options(shape, l, target, config, l.params / total, sens) for l in layers)
     lam = config.lam
     if lam is None:
         lam = LAM_FACTOR * sum(o.weights[0].compute_s + (o.kv[0].compute_s if o.kv else 0.0) for o in opts)
-    arena = config.arena_bytes if config.arena_bytes is not None else cost.arena_bytes(
-        shape, config.batch, config.seq, prefill_chunk=config.prefill_chunk)
+    arena = config.arena_bytes if config.arena_bytes is not None else (
+        captured.arena_bytes if captured is not None else cost.arena_bytes(
+            shape, config.batch, config.seq, prefill_chunk=config.prefill_chunk))
+    if captured is not None:
+        return BudgetProblem(opts, config.budget_bytes, config.reserve_bytes, arena + captured.fixed_bytes, 0.0,
+                             config.prefetch_buffers, config.objective, lam, config.max_quality_loss,
+                             config.seq if shape.decoder else 0, config.batch,
+                             "activation arena and the tensors no layer holds", buffers_per_streamed_layer=True,
+                             fixed_hint="compile a shorter --seq or a smaller --batch (the arena grows with them) "
+                                        "or raise the budget")
     return BudgetProblem(opts, config.budget_bytes, config.reserve_bytes, arena, 0.0, config.prefetch_buffers,
                          config.objective, lam, config.max_quality_loss, config.seq if shape.decoder else 0,
                          config.batch)
@@ -379,11 +400,14 @@ def plan_budget(source_or_spec, *, target: str | Target = "h100-80gb", budget_by
                 reserve_bytes: int | str | None = None, sensitivity: dict | None = None,
                 arena_bytes: int | str | None = None, formats: tuple[str, ...] = FORMATS,
                 kv_bits: tuple[int, ...] = KV_BITS, allow_host: bool = True, prefill_chunk: int = 2048,
-                time_limit_s: float = 3.0, strict: bool = True, kv_host: bool = False) -> BudgetPlan:
+                time_limit_s: float = 3.0, strict: bool = True, kv_host: bool = False,
+                captured: CapturedModel | None = None) -> BudgetPlan:
     """Choose per layer a weight format, placement and KV bits so that `source_or_spec` (a preset, HF
     directory, GGUF file, ModelSource, transformers config or ModelShape) at (batch, seq) fits
     `budget_bytes` (default: the target's memory) minus `reserve_bytes` on `target`. `kv_host`: a block's
     KV cache may also be kept on the host and streamed one layer ahead (decision.kv_placement "host").
+    `captured` (`memopt.planning.captured.captured_model`, what `memopt compile --budget` passes): plan the
+    captured programs' tensors, so that the predicted bytes are the compiled artifact's.
 
     Raises `BudgetInfeasible` (a ValueError; one line naming the smallest achievable plan, the budget and
     what dominates) when nothing fits; with `strict=False` returns that smallest plan with `fits=False`.
@@ -404,7 +428,7 @@ def plan_budget(source_or_spec, *, target: str | Target = "h100-80gb", budget_by
         notes.append(f"{tgt.name} has no host link: host placement disabled")
     if not shape.decoder:
         notes.append("encoder: latency is one forward pass at (batch, seq); there is no KV cache")
-    problem = budget_problem(shape, tgt, config, sensitivity=sensitivity)
+    problem = budget_problem(shape, tgt, config, sensitivity=sensitivity, captured=captured)
     try:
         result = solve_budget(problem, time_limit_s=time_limit_s)
     except BudgetInfeasible as err:
@@ -413,12 +437,16 @@ def plan_budget(source_or_spec, *, target: str | Target = "h100-80gb", budget_by
         result = err.smallest
         notes.append(f"does not fit: {err}")
     choices = [cost.Choice(d.format, d.placement, d.kv_bits or 16, d.kv_placement) for d in result.decisions]
-    prefill = cost.prefill_s(shape, cost.layer_weights(shape), choices, tgt, batch, config.seq,
+    prefill = cost.prefill_s(shape, _layers(shape, captured), choices, tgt, batch, config.seq,
                              prefill_chunk=prefill_chunk, policy=KVPolicy(config.kv_group_size, config.kv_residual))
     decode = result.predicted_decode_s_per_token if shape.decoder else None
+    breakdown = dict(result.breakdown)
+    if captured is not None:  # the fixed bytes, apart: what the arena and the tensors outside every layer hold
+        breakdown.update(arena_bytes=breakdown["fixed_bytes"] - captured.fixed_bytes, other_bytes=captured.fixed_bytes)
+        notes += list(captured.notes)
     return BudgetPlan(shape.name, tgt.name, config, batch, config.seq, config.budget_bytes, config.reserve_bytes,
                       problem.lam, result.fits, result.decisions, result.predicted_peak_bytes, prefill, decode,
-                      batch / decode if decode else None, result.quality_loss, dict(result.breakdown),
+                      batch / decode if decode else None, result.quality_loss, breakdown,
                       result.solver, time.perf_counter() - t0, tuple(notes))
 
 
@@ -454,7 +482,9 @@ def format_budget_table(plan: BudgetPlan, *, group: bool = True) -> str:
     b = plan.breakdown
     lines += ["", f"  {'weights on device':<34}{fmt_bytes(b['weights_bytes']):>14}",
               f"  {'KV cache':<34}{fmt_bytes(b['kv_bytes']):>14}",
-              f"  {'activation arena':<34}{fmt_bytes(b['fixed_bytes']):>14}",
+              f"  {'activation arena':<34}{fmt_bytes(b.get('arena_bytes', b['fixed_bytes'])):>14}",
+              *([f"  {'tensors outside every layer':<34}{fmt_bytes(b['other_bytes']):>14}"] if "other_bytes" in b
+                else []),
               f"  {'prefetch buffers':<34}{fmt_bytes(b['prefetch_bytes']):>14}",
               *([f"  {'KV staging buffers (host KV)':<34}{fmt_bytes(b['kv_staging_bytes']):>14}"]
                 if b.get("kv_staging_bytes") else []),

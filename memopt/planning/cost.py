@@ -54,7 +54,7 @@ KV_OVERHEAD = {16: 1.0, 8: 1.1, 4: 1.2, 2: 1.3}
 ACT_BYTES = 2  # activations and 16-bit weights
 LOGIT_BYTES = 4  # logits are computed in fp32
 _GATED = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "olmoe", "gemma", "gemma2",
-          "gemma3", "phi3", "olmo", "olmo2", "cohere", "granite", "smollm3", "deepseek_v3"}
+          "gemma3", "gemma3_text", "phi3", "olmo", "olmo2", "cohere", "granite", "smollm3", "deepseek_v3"}
 _ENCODERS = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet"}
 
 
@@ -239,13 +239,27 @@ class LayerWeights:
     experts: int = 0  # MoE: `experts` copies of `expert_matrices`, each token routed to `experts_per_token`
     expert_matrices: tuple[tuple[int, int], ...] = ()
     experts_per_token: int = 0
+    # from the captured programs (memopt/planning/captured.py), exact; empty: the formulas above
+    stored: tuple[tuple[str, int], ...] = ()  # (format, device bytes) for each format the layer can take
+    staged: tuple[tuple[str, int], ...] = ()  # (format, bytes of its offload staging slot) when on the host
+    kv: tuple[tuple[int, int], ...] = ()  # (KV bits, bytes of its cache) for each cache it can keep
 
     @property
     def params(self) -> int:
         return (sum(r * c for r, c in self.matrices) + self.experts * sum(r * c for r, c in self.expert_matrices)
                 + self.other_params)
 
+    def offers(self, fmt: str) -> bool:
+        """Whether the layer can be stored in `fmt` (a captured layer lists its formats; formulas take any)."""
+        return not self.stored or fmt in dict(self.stored)
+
     def bytes(self, fmt: str) -> int:
+        if self.stored:
+            if fmt not in dict(self.stored):
+                raise ValueError(f"{self.name} cannot be stored as {fmt}; it takes {', '.join(dict(self.stored))}")
+            return dict(self.stored)[fmt]
+        if self.kind == "embed+head" and fmt.startswith("int4"):
+            fmt = "int8"  # no int4 gather kernel: the quantize pass stores a tied table as int8 rows
         return (sum(matrix_bytes(fmt, r, c) for r, c in self.matrices) + 2 * self.other_params
                 + self.experts * self.expert_bytes(fmt))
 
@@ -379,13 +393,12 @@ def weights_time_s(shape: ModelShape, layer: LayerWeights, fmt: str, target: Tar
 
 def stream_bytes(shape: ModelShape, layer: LayerWeights, fmt: str, batch: int, tokens: int = 1, *,
                  head: bool = True) -> int:
-    """Bytes a host-resident layer sends to the device per use: its weights, or for an embedding table
-    only the looked-up rows (gathered on the host, sent as 16-bit activations)."""
-    if layer.kind == "embed" or (layer.kind == "embed+head" and not head):
-        return batch * tokens * shape.hidden * ACT_BYTES
+    """Bytes a host-resident layer sends to the device per use, which is also its staging slot: its weights as
+    passes/offload.py packs them (`layer.staged` when captured), an embedding table whole (the pass streams the
+    table, not the rows looked up)."""
     if layer.kind == "head" and not head:
         return 0
-    return layer.bytes(fmt)
+    return dict(layer.staged)[fmt] if layer.staged else layer.bytes(fmt)
 
 
 def transfer_time_s(nbytes: float, target: Target) -> float:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-PLAN_SCHEMA_VERSION = 1
+# 2: KIVI 4-bit key stores packed along a block's tokens (the C kernel's layout), typed arena config,
+# pipeline stages, measured budget bytes. Artifacts of version 1 are refused with "recompile".
+PLAN_SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ class Plan:
     pass_configs: dict = field(default_factory=dict)
     inputs: tuple = ()  # example input specs: {"shape", "dtype", "role", "high"} per forward input
     version: int = PLAN_SCHEMA_VERSION
+    # pipeline stages (memopt.emit.stages): per stage {"stage", "layers": [first, last), "embed", "head", ...}
+    stages: tuple = ()
 
     def with_(self, **changes) -> "Plan":
         return replace(self, **changes)
@@ -80,6 +84,7 @@ class Plan:
         d["order"] = list(self.order) if self.order is not None else None
         d["passes"] = list(self.passes)
         d["inputs"] = [dict(x) for x in self.inputs]
+        d["stages"] = [dict(x) for x in self.stages]
         return d
 
     @classmethod
@@ -106,4 +111,5 @@ class Plan:
             pass_configs=dict(d.get("pass_configs", {})),
             inputs=tuple(d.get("inputs", ())),
             version=version,
+            stages=tuple(dict(x) for x in d.get("stages", ())),
         )

@@ -15,7 +15,9 @@ prefills in one call; T > 1 later runs the decode step token by token.
 Per group of KV heads: attend over sinks + store (dequantized) + residual ring + the new token, update
 the eviction scores with this step's attention (H2O), then insert the new token (flushing the oldest
 residual group into the store and evicting a block when full). Layouts without scores, ThinK channels,
-pre-RoPE keys or a sliding window take `attend_fast`: the same result in a few whole-tensor ops.
+pre-RoPE keys or a sliding window take `attend_fast`: the same result in one call of memopt's C kernels
+(`kivi_kernels.c`, built on first use by `memopt.runtime.native`; they read the packed store without
+dequantizing it), or in a few whole-tensor PyTorch ops where no C compiler is available.
 `fill_layer` writes the state from a prefill's full-precision keys and values. A store with `pre_rope`
 un-rotates a block's keys at its positions before quantizing and re-rotates them when read; with
 `hadamard` it rotates keys and values by a Hadamard matrix before quantizing and back when read.
@@ -27,9 +29,11 @@ Registered with `torch.library` (a fake kernel included), so a graph calling it 
 
 from __future__ import annotations
 
+import array
 import math
 import sys
 import threading
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -39,6 +43,7 @@ from torch import Tensor
 from memopt.kv import kivi
 from memopt.kv.h2o import decode_score_update
 from memopt.kv.layout import Layout, layouts_from_str
+from memopt.runtime import native
 
 STORE_KEY_NAMES = ("store_k", "store_kq", "store_kscale", "store_kzero")
 
@@ -52,6 +57,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], pos: Tensor, la
     """`memopt::kv_attend` as a plain function, which `memopt.serve.decode_program.decode_program` calls without the
     dispatcher's Python layers (~90 us a call with a layer's list of state tensors)."""
     n = int(pos.reshape(-1)[0])
+    if q.shape[2] == 1:
+        out = native_step(q, k, v, state, n, layouts, scale)
+        if out is not None:
+            return out
     groups = split_state(layouts, state)
     if q.shape[2] > 1:
         return attend_chunk(groups, q, k, v, n, scale)
@@ -118,14 +127,23 @@ def _(q, key_cache, value_cache, attn_mask, positions, scale=None):
 
 
 def split_state(layouts: str, state: list[Tensor]) -> list[tuple[Layout, dict[str, Tensor]]]:
+    """The layer's state tensors, group by group: [(layout, {buffer name: tensor})]."""
+    groups, count = _state_names(layouts)
+    if count != len(state):
+        raise ValueError(f"kv_attend got {len(state)} state tensors, its layouts name {count}")
     out, offset = [], 0
-    for layout in layouts_from_str(layouts):
-        names = layout.buffer_names()
+    for layout, names in groups:
         out.append((layout, dict(zip(names, state[offset : offset + len(names)]))))
         offset += len(names)
-    if offset != len(state):
-        raise ValueError(f"kv_attend got {len(state)} state tensors, its layouts name {offset}")
     return out
+
+
+@lru_cache(maxsize=1024)
+def _state_names(layouts: str) -> tuple[tuple[tuple[Layout, tuple[str, ...]], ...], int]:
+    """Each layout of `layouts` with its buffer names, and the number of state tensors they name: parsed once
+    per layer, not per step."""
+    groups = tuple((layout, layout.buffer_names()) for layout in layouts_from_str(layouts))
+    return groups, sum(len(names) for _, names in groups)
 
 
 # ---------------------------------------------------------------- several tokens in one call
@@ -267,58 +285,188 @@ def fast_path(L: Layout) -> bool:
 
 
 def attend_fast(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor, n: int, scale: float) -> Tensor:
-    """`attend_group` for layouts `fast_path` accepts, in few whole-tensor ops (same shapes and result).
+    """`attend_group` for layouts `fast_path` accepts (same shapes and result), then the new token's insertion.
 
-    The store is read in one pass: a KIVI key block dequantizes in one op from its unpacked levels
-    (u * scale + zero, per channel), a value's per-token scales multiply the attention weights instead of
-    the values (sum_t p_t (u_t s_t + z_t) = sum_t (p_t s_t) u_t + sum_t p_t z_t, per value group); a
-    Hadamard-rotated store is read by rotating the query and the output instead of every key and value.
-    Sinks, the residual ring (read in slot order: softmax does not care about order; a wrapped ring's
-    empty slots are masked) and the new token are attended as one full-precision segment."""
+    One score row per query over [store | sinks, residual ring, new token] and one softmax. The sinks, the ring
+    (read in place in slot order: softmax does not care about order; a wrapped ring's empty slots are masked)
+    and the new token are full-precision segments, read where they lie. A KIVI store is read from its packed
+    codes without dequantizing a key or a value: the scales and zeros are factored out of the products, so
+    keys (per channel c over block b): q . k_t = sum_c (q_c s_bc) u_tc + sum_c q_c z_bc, and values (per token
+    t over channel group j): sum_t p_t (u_tc s_tj + z_tj) = sum_t (p_t s_tj) u_tc + sum_t p_t z_tj. A Hadamard-
+    rotated store is read by rotating the query and the output instead of every key and value. On the CPU this
+    runs in C (`memopt.runtime.native`: codes unpacked in registers, no temporaries, no concatenation); where
+    those kernels cannot be built, in PyTorch ops (`_attend_torch`)."""
+    keys, vals, dead, nb = _exact_segments(L, bufs, n)
+    keys.append(k)
+    vals.append(v)
     qf = q.float() * scale
-    keys, vals, ns = [], [], min(n, L.sinks)
-    if ns:
-        keys.append(bufs["sink_k"][:, :, :ns])
-        vals.append(bufs["sink_v"][:, :, :ns])
-    m, f = max(0, n - L.sinks), L.flushed(n)
-    first, dead = (L.group * f if L.residual else m), None
-    if m > first:
-        count, start = m - first, first % max(L.residual, 1)
-        ring = slice(start, start + count) if start + count <= L.residual else slice(None)
-        keys.append(bufs["res_k"][:, :, ring])
-        vals.append(bufs["res_v"][:, :, ring])
-        if ring.start is None:  # wrapped: slots (start + count) % R .. start - 1 hold no token
-            dead = (torch.arange(L.residual, device=q.device) - start) % L.residual >= count
-    exact_k = torch.cat([*keys, k], 2).float() if keys else k.float()
-    exact = qf @ exact_k.transpose(-1, -2)  # (batch, heads, n_rep, sinks + ring + 1)
-    if dead is not None:
-        exact[..., ns:ns + L.residual].masked_fill_(dead, float("-inf"))
-    nb = min(f, L.blocks)
-    scores = torch.cat([_store_logits(L, bufs, qf, nb), exact], -1) if nb else exact
-    if getattr(L, "softcap", 0.0):  # empty ring slots stay -inf (tanh would make them -softcap, attended)
-        scores = torch.where(scores.isneginf(), scores, (scores / L.softcap).tanh() * L.softcap)
-    probs = scores.softmax(-1)
-    stored = nb * L.group
-    exact_v = torch.cat([*vals, v], 2).float() if vals else v.float()
-    out = probs[..., stored:] @ exact_v
-    if nb:
-        out = out.add_(_store_output(L, bufs, probs[..., :stored], nb))
+    lib = _native(L, bufs, qf, keys + vals)
+    out = _attend_torch(L, bufs, qf, keys, vals, nb, dead) if lib is None else \
+        _attend_native(lib, L, bufs, qf, keys, vals, nb, dead)
     insert(L, bufs, k, v, n, None)
     return out
 
 
-def _store_logits(L: Layout, bufs: dict[str, Tensor], q: Tensor, nb: int) -> Tensor:
-    """q (batch, heads, n_rep, head_dim) fp32 against the first `nb` store blocks: logits (batch, heads, n_rep,
-    nb * group)."""
+def native_step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], n: int, layouts: str,
+                scale: float) -> Tensor | None:
+    """A one-token step of a layer whose heads are one `fast_path` group, attention and the new token's insertion
+    in one call of the C kernels (shapes as the op's); None when that does not apply (no kernels, several groups,
+    another layout or tensors they cannot read), and the caller takes `attend_step`. A token that fills the
+    residual ring is inserted by `insert` (the flush quantizes a block)."""
+    groups, count = _state_names(layouts)
+    if len(groups) != 1 or count != len(state) or not fast_path(groups[0][0]):
+        return None
+    (L, names), = groups
+    bufs = dict(zip(names, state))
+    b, h, _, d = k.shape
+    qf = q.reshape(b, h, q.shape[1] // h, d).float() * scale
+    keys, vals, dead, nb = _exact_segments(L, bufs, n)
+    keys.append(k)
+    vals.append(v)
+    lib = _native(L, bufs, qf, keys + vals)
+    if lib is None:
+        return None
+    j, slots = n - L.sinks, None
+    if n < L.sinks:
+        slots = (bufs["sink_k"].narrow(2, n, 1), bufs["sink_v"].narrow(2, n, 1))
+    elif L.residual and j - L.group * L.flushed(n) != L.residual:
+        slots = (bufs["res_k"].narrow(2, j % L.residual, 1), bufs["res_v"].narrow(2, j % L.residual, 1))
+    out = _attend_native(lib, L, bufs, qf, keys, vals, nb, dead, None if slots is None else (k, v, *slots))
+    if slots is None:
+        insert(L, bufs, k, v, n, None)
+    return out.reshape(q.shape).to(q.dtype)
+
+
+def _exact_segments(L: Layout, bufs: dict[str, Tensor], n: int) -> tuple[list[Tensor], list[Tensor], tuple | None, int]:
+    """The full-precision keys and values a step at position `n` attends to before the new token (the sinks, the
+    residual ring in slot order), the ring's empty slots among them ((first, last + 1) or None) and the number
+    of store blocks filled."""
+    ns, m, f = min(n, L.sinks), max(0, n - L.sinks), L.flushed(n)
+    keys, vals, dead = [], [], None
+    if ns:
+        keys.append(bufs["sink_k"][:, :, :ns])
+        vals.append(bufs["sink_v"][:, :, :ns])
+    first = L.group * f if L.residual else m
+    if m > first:
+        count, start = m - first, first % max(L.residual, 1)
+        ring = slice(None) if start + count > L.residual else slice(start, start + count)
+        keys.append(bufs["res_k"][:, :, ring])
+        vals.append(bufs["res_v"][:, :, ring])
+        if ring.start is None and count < L.residual:  # wrapped: slots (start + count) % R .. start - 1 are empty
+            dead = (ns + start + count - L.residual, ns + start)
+    return keys, vals, dead, min(f, L.blocks)
+
+
+def _probs(L: Layout, scores: Tensor, stored: int, dead: tuple[int, int] | None) -> Tensor:
+    """Softmax of the score rows (batch, heads, n_rep, stored + exact) after masking the ring's empty slots
+    (`dead`, among the exact columns) and the model's soft-capping."""
+    if dead is not None:
+        scores[..., stored + dead[0]:stored + dead[1]] = float("-inf")
+    if getattr(L, "softcap", 0.0):  # empty ring slots stay -inf (tanh would make them -softcap, attended)
+        scores = torch.where(scores.isneginf(), scores, (scores / L.softcap).tanh() * L.softcap)
+    return scores.softmax(-1)
+
+
+def _attend_torch(L: Layout, bufs: dict[str, Tensor], qf: Tensor, keys: list[Tensor], vals: list[Tensor], nb: int,
+                  dead: tuple[int, int] | None) -> Tensor:
+    """`attend_fast`'s attention in PyTorch ops: qf (batch, heads, n_rep, head_dim) fp32, already scaled."""
+    exact_k = torch.cat(keys, 2) if len(keys) > 1 else keys[0]
+    exact_v = torch.cat(vals, 2) if len(vals) > 1 else vals[0]
+    stored = nb * L.group
+    scores = torch.empty((*qf.shape[:3], stored + exact_k.shape[2]), dtype=torch.float32, device=qf.device)
+    scores[..., stored:] = qf @ exact_k.float().transpose(-1, -2)  # (matmul's out= into a strided view is slow)
+    if nb:
+        _store_logits(L, bufs, qf, nb, scores[..., :stored])
+    probs = _probs(L, scores, stored, dead)
+    out = probs[..., stored:] @ exact_v.float()
+    if nb:
+        _add_store_output(L, bufs, probs[..., :stored], nb, out)
+    return out
+
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # kivi_kernels.c's segment dtypes
+
+
+def _native(L: Layout, bufs: dict[str, Tensor], qf: Tensor, segments: list[Tensor]):
+    """The C kernels (`memopt.runtime.native`) when they can read this step's tensors in place, else None: on the
+    CPU, full-precision rows of a kernel dtype with the channels contiguous and batch folding into heads (every
+    tensor's batch stride `heads` times its head stride), the state contiguous, head_dim <= 1024, n_rep <= 64,
+    a value group whole bytes per plane."""
+    b, h, r, d = qf.shape
+    if qf.device.type != "cpu" or d > 1024 or r > 64:
+        return None
+    for x in segments:
+        if x.dtype not in _DTYPE_CODES or x.stride(-1) != 1 or (b > 1 and x.stride(0) != h * x.stride(1)):
+            return None
+    for x in bufs.values():  # the layer's state, as Layout.allocate makes it
+        if not x.is_contiguous() or (x.dtype.is_floating_point and x.dtype not in _DTYPE_CODES):
+            return None
+    width = L.value_channels_per_group
+    if L.value_bits < 16 and (d % width or width % (8 // L.value_bits)):
+        return None
+    return native.kernels()
+
+
+def _rows(x: Tensor) -> list[int]:
+    """kivi_kernels.c's description of full-precision rows x (batch, heads, rows, head_dim): address, dtype, rows,
+    head stride, row stride (elements)."""
+    return [x.data_ptr(), _DTYPE_CODES[x.dtype], x.shape[2], x.stride(1), x.stride(2)]
+
+
+def _attend_native(lib, L: Layout, bufs: dict[str, Tensor], qf: Tensor, keys: list[Tensor], vals: list[Tensor],
+                   nb: int, dead: tuple[int, int] | None, insert_rows: tuple[Tensor, ...] | None = None) -> Tensor:
+    """`_attend_torch` in one call of the C kernels (`kivi_step`): columns [packed store | full-precision
+    segments], a 16-bit store being the first full-precision segment. `insert_rows` (k, v, key slot, value slot,
+    each (batch, heads, 1, head_dim)): the new token's rows, copied into their slots after the attention."""
+    b, h, r, d = qf.shape
+    stored = nb * L.group
+    packed_k, packed_v = bool(nb) and L.key_bits < 16, bool(nb) and L.value_bits < 16
+    if nb and not packed_k:
+        keys = [bufs["store_k"][:, :, :nb].flatten(2, 3), *keys]
+    if nb and not packed_v:
+        vals = [bufs["store_v"][:, :, :nb].flatten(2, 3), *vals]
+    n = stored + sum(x.shape[2] for x in vals[1 if nb and not packed_v else 0:])
+    qs = qf @ kivi.hadamard_matrix(d).to(qf.device) if packed_k and L.hadamard else qf
+    out = torch.empty((b, h, r, d), dtype=torch.float32, device=qf.device)  # zeroed by the kernel
+    store_out = torch.empty_like(out) if packed_v and L.hadamard else out
+    kq, ks, kz = (bufs["store_kq"], bufs["store_kscale"], bufs["store_kzero"]) if packed_k else _NO_STORE
+    vq, vs, vz = (bufs["store_vq"], bufs["store_vscale"], bufs["store_vzero"]) if packed_v else _NO_STORE
+    lo, hi = (stored + dead[0], stored + dead[1]) if dead is not None else (0, 0)
+    scores = _scratch("scores", (b * h * r * n,), torch.float32, qf.device)
+    table = [b * h, r, d, qf.data_ptr(), qs.data_ptr(), L.group, lo, hi,
+             L.key_bits, nb if packed_k else 0, kq.data_ptr(), kq.stride(1), kq.stride(2), ks.data_ptr(), kz.data_ptr(),
+             ks.stride(1), ks.stride(2), L.value_bits, vs.shape[-1], nb if packed_v else 0, vq.data_ptr(), vq.stride(1),
+             vs.data_ptr(), vz.data_ptr(), vs.stride(1), scores.data_ptr(), out.data_ptr(), store_out.data_ptr(),
+             len(keys), len(vals), int(insert_rows is not None)]
+    for x in insert_rows or (None,) * 4:
+        table += [0, 0, 0] if x is None else [x.data_ptr(), _DTYPE_CODES[x.dtype], x.stride(1)]
+    for x in (*keys, *vals):
+        table += _rows(x)
+    args = array.array("q", table)
+    if lib.kivi_step(args.buffer_info()[0], float(getattr(L, "softcap", 0.0))):
+        raise RuntimeError(f"memopt's C KV kernels refused a layout they were given ({L}); "
+                           "set MEMOPT_NATIVE=0 to read the cache with PyTorch ops and report this")
+    if store_out is not out:
+        out.add_(store_out @ kivi.hadamard_matrix(d).to(out.device))
+    return out
+
+
+_NO_STORE = (torch.zeros(1, 1, 1, 1, dtype=torch.uint8),) * 3  # stand-ins for an absent packed store (not read)
+
+
+def _store_logits(L: Layout, bufs: dict[str, Tensor], q: Tensor, nb: int, out: Tensor) -> None:
+    """q (batch, heads, n_rep, head_dim) fp32 against the first `nb` store blocks: logits into `out` (batch, heads,
+    n_rep, nb * group), which may be a strided view."""
     if L.key_bits == 16:
-        return q @ bufs["store_k"][:, :, :nb].flatten(2, 3).float().transpose(-1, -2)
+        out.copy_(q @ bufs["store_k"][:, :, :nb].flatten(2, 3).float().transpose(-1, -2))
+        return
     if L.hadamard:
         q = q @ kivi.hadamard_matrix(L.head_dim).to(q.device)
     scale = bufs["store_kscale"][:, :, :nb].float().unsqueeze(-2)  # (batch, heads, nb, 1, head_dim): per channel
     zero = bufs["store_kzero"][:, :, :nb].float().unsqueeze(-2)
-    levels = _unpack(bufs["store_kq"][:, :, :nb], L.key_bits, "keys")
+    levels = _unpack(bufs["store_kq"][:, :, :nb], L.key_bits, "keys").transpose(-1, -2)  # (.., nb, group, head_dim)
     keys = _scratch("keys", levels.shape, torch.float32, q.device).copy_(levels).mul_(scale).add_(zero)
-    return q @ keys.flatten(2, 3).transpose(-1, -2)
+    out.copy_(q @ keys.flatten(2, 3).transpose(-1, -2))
 
 
 def _unpack(packed: Tensor, bits: int, key: str) -> Tensor:
@@ -342,32 +490,35 @@ def _scratch(key: str, shape, dtype: torch.dtype, device) -> Tensor:
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
     numel = math.prod(shape)
     buf = buffers.get((key, dtype, str(device)))
-    if buf is None or buf.numel() < numel:
+    if buf is None or buf.numel() < numel:  # grown by half again: a context growing a token a step reallocates rarely
+        size = max(numel, 0 if buf is None else buf.numel() * 3 // 2)
         with torch.inference_mode(False):  # an ordinary tensor: writable in and out of inference mode
-            buf = buffers[key, dtype, str(device)] = torch.empty(numel, dtype=dtype, device=device)
+            buf = buffers[key, dtype, str(device)] = torch.empty(size, dtype=dtype, device=device)
     return buf[:numel].view(shape)
 
 
-def _store_output(L: Layout, bufs: dict[str, Tensor], p: Tensor, nb: int) -> Tensor:
-    """Attention weights p (batch, heads, n_rep, nb * group) over the first `nb` store blocks' values ->
-    (batch, heads, n_rep, head_dim)."""
+def _add_store_output(L: Layout, bufs: dict[str, Tensor], p: Tensor, nb: int, out: Tensor) -> None:
+    """Attention weights p (batch, heads, n_rep, nb * group) over the first `nb` store blocks' values, added
+    into out (batch, heads, n_rep, head_dim) fp32 contiguous."""
     if L.value_bits == 16:
-        return p @ bufs["store_v"][:, :, :nb].flatten(2, 3).float()
-    scale = bufs["store_vscale"][:, :, :nb].flatten(2, 3).float()  # (batch, heads, tokens, groups)
-    zero = bufs["store_vzero"][:, :, :nb].flatten(2, 3).float()
-    levels = _unpack(bufs["store_vq"][:, :, :nb], L.value_bits, "values").flatten(2, 3)  # (.., tokens, head_dim)
+        out.add_(p @ bufs["store_v"][:, :, :nb].flatten(2, 3).float())
+        return
+    vq, vs, vz = bufs["store_vq"], bufs["store_vscale"], bufs["store_vzero"]
+    scale = vs[:, :, :nb].flatten(2, 3).float()  # (batch, heads, tokens, groups)
+    zero = vz[:, :, :nb].flatten(2, 3).float()
+    levels = _unpack(vq[:, :, :nb], L.value_bits, "values").flatten(2, 3)  # (.., tokens, head_dim)
     levels = _scratch("values", levels.shape, torch.float32, p.device).copy_(levels)
     groups = scale.shape[-1]
     width = L.head_dim // groups
     if groups == 1:
-        out = (p * scale[..., 0].unsqueeze(-2)) @ levels
+        part = (p * scale[..., 0].unsqueeze(-2)) @ levels
     else:
-        out = torch.cat([(p * scale[..., j].unsqueeze(-2)) @ levels[..., j * width:(j + 1) * width]
-                         for j in range(groups)], -1)
-    out = out.add_((p @ zero).repeat_interleave(width, -1))
+        part = torch.cat([(p * scale[..., j].unsqueeze(-2)) @ levels[..., j * width:(j + 1) * width]
+                          for j in range(groups)], -1)
+    part = part.add_((p @ zero).repeat_interleave(width, -1))
     if L.hadamard:
-        out = out @ kivi.hadamard_matrix(L.head_dim).to(out.device)
-    return out
+        part = part @ kivi.hadamard_matrix(L.head_dim).to(part.device)
+    out.add_(part)
 
 
 def insert(L: Layout, bufs: dict[str, Tensor], k: Tensor, v: Tensor, n: int, score: Tensor | None) -> None:
@@ -387,8 +538,8 @@ def insert(L: Layout, bufs: dict[str, Tensor], k: Tensor, v: Tensor, n: int, sco
         put_blocks(L, bufs, bufs["res_k"][:, :, slots].unsqueeze(2), bufs["res_v"][:, :, slots].unsqueeze(2),
                    group_score, f)
     slot = j % L.residual
-    bufs["res_k"][:, :, slot] = k[:, :, 0]
-    bufs["res_v"][:, :, slot] = v[:, :, 0]
+    bufs["res_k"].narrow(2, slot, 1).copy_(k)  # (narrow + copy_: half the cost of an indexed assignment)
+    bufs["res_v"].narrow(2, slot, 1).copy_(v)
     if L.scored:
         bufs["res_score"][:, :, slot] = score
 

@@ -59,9 +59,12 @@ def _describe(outputs) -> dict:
 
 
 def run_artifact(directory: str, *, prompt: str | None = None, inputs: str | None = None, engine: str = "torch",
-                 max_new_tokens: int = 48, device: str = "cpu", key: bytes | None = None) -> dict:
+                 max_new_tokens: int = 48, device: str = "cpu", key: bytes | None = None,
+                 timeout_s: float | None = None) -> dict:
     directory_p = Path(directory)
     plan = load_plan(directory_p, key=key)
+    if plan.stages:  # a pipeline artifact: this process is one rank under torchrun (memopt.serve.distributed)
+        return _pipeline_rank(directory_p, plan, prompt, inputs, engine, max_new_tokens, device, key, timeout_s)
     if prompt is not None:
         if engine != "torch":
             raise ValueError("--prompt runs the generation program with --engine torch; ONNX runs the forward program")
@@ -82,3 +85,48 @@ def run_artifact(directory: str, *, prompt: str | None = None, inputs: str | Non
         module = load(directory_p, device=device, key=key)
         outputs = module(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args))
     return {"model": plan.model, "engine": engine, "outputs": _describe(outputs), "seconds": time.perf_counter() - t0}
+
+
+# ---------------------------------------------------------------- pipeline artifacts (memopt.serve.distributed)
+def _pipeline_job(plan, directory: Path, prompt, inputs, engine: str) -> dict:
+    """What a pipeline run does: generate from `prompt`, else a forward pass on `inputs` or example inputs."""
+    if engine != "torch":
+        raise ValueError("a pipeline artifact runs with --engine torch only")
+    if prompt is not None:
+        return {"prompt": prompt}
+    return {"forward_ids": (_read_inputs(inputs) if inputs else _example_inputs(plan, directory))[0]}
+
+
+def _pipeline_summary(out: dict) -> dict:
+    """Rank 0's result as JSON: "text"/"tokens" (lists) or "outputs" described, without tensors or weight tables."""
+    res = {k: v for k, v in out.items() if k not in ("logits", "tokens", "weights")}
+    if isinstance(out.get("tokens"), torch.Tensor):
+        res["tokens"] = out["tokens"].tolist()
+    if isinstance(out.get("logits"), torch.Tensor):
+        res["outputs"] = _describe(out["logits"])
+    res["ranks"] = [{k: v for k, v in r.items() if k != "weights"} for r in res.get("ranks", ())]
+    return res
+
+
+def _pipeline_rank(directory: Path, plan, prompt, inputs, engine, max_new_tokens, device, key, timeout_s) -> dict:
+    from memopt.serve.distributed import run_staged, under_torchrun
+
+    if not under_torchrun():
+        n = len(plan.stages)
+        raise ValueError(f"{str(directory)!r} holds a pipeline of {n} stages, one process each: run memopt run "
+                         f"{directory} --launch, or torchrun --nproc-per-node {n} -m memopt run {directory}")
+    job = _pipeline_job(plan, directory, prompt, inputs, engine)
+    out = run_staged(directory, max_new_tokens=max_new_tokens, device=device, timeout_s=timeout_s, key=key, **job)
+    return _pipeline_summary(out) if out["rank"] == 0 else {"quiet": True}
+
+
+def launch_artifact(directory: str, *, nproc: int | None = None, prompt: str | None = None, inputs: str | None = None,
+                    engine: str = "torch", max_new_tokens: int = 48, device: str = "cpu", key_file: str | None = None,
+                    timeout_s: float | None = None) -> dict:
+    """`memopt run DIR --launch`: a pipeline artifact under torchrun, one process per stage; rank 0's summary."""
+    from memopt.serve.distributed import _read_key, launch
+
+    directory_p = Path(directory)
+    job = _pipeline_job(load_plan(directory_p, key=_read_key(key_file)), directory_p, prompt, inputs, engine)
+    return _pipeline_summary(launch(directory_p, nproc=nproc, max_new_tokens=max_new_tokens, device=device,
+                                    timeout_s=timeout_s, key_file=key_file, **job))

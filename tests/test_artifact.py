@@ -65,6 +65,7 @@ def test_round_trip_in_a_fresh_process(model, quantize, tmp_path, compiled):
     assert ("generate.pt2" in files) == (model == "demo")
 
 
+@pytest.mark.slow  # over 5 s on one core: the full suite runs it
 def test_generation_program_round_trip(compiled):
     result, out = compiled("demo", "int8")
     ids = torch.tensor([[5, 17, 99, 4]])

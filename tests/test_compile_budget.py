@@ -120,6 +120,7 @@ def test_budget_plan_with_16_bit_kv_generates_one_token_per_call():
     assert torch.equal(result.module.generate(prompt, 4), want)
 
 
+@pytest.mark.slow  # over 5 s on one core: the full suite runs it
 def test_offload_kv_generates_the_same_tokens(tmp_path):
     import memopt
 
@@ -135,6 +136,7 @@ def test_offload_kv_generates_the_same_tokens(tmp_path):
     assert torch.equal(memopt.load(tmp_path / "kv-host").generate(prompt, 6), want)  # the artifact keeps the schedule
 
 
+@pytest.mark.slow  # over 5 s on one core: the full suite runs it
 def test_decoder_programs_share_offload_slots_and_keep_blocks_apart():
     """Weight offload in both programs of a decoder: one set of device staging slots, and each block keeps
     its own weights (equal norms of different layers are not merged, or the block could not move)."""

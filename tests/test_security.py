@@ -383,6 +383,7 @@ def test_interrupted_two_rename_swap_is_recovered(art, good, tmp_path):
     assert not (tmp_path / ".art.old-999999-x").exists()
 
 
+@pytest.mark.slow  # over 5 s on one core: the full suite runs it
 def test_concurrent_writers(good, tmp_path):
     module = load(good[0])
     errors = []

@@ -30,6 +30,7 @@ change with the smallest objective increase per byte saved. The better plan is k
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -46,6 +47,12 @@ OBJECTIVES = ("latency", "quality")
 GIB = 2**30
 MIB = 2**20
 GAP_REL = 1e-4  # CBC stops within 0.01% of its bound
+CBC_OPTIONS: list[str] = []  # extra CBC command-line options (none: see `_exact` for why small levels skip CBC)
+# CBC 2.10 can report "optimal" for a worse plan, or "infeasible", when a plan sits within its tolerances of
+# the budget (it raises its cutoff increment to the objective's granularity and discards the near-boundary plan;
+# preprocessing on or off each fail on some problems). A level with at most EXACT_COMBINATIONS plans (counts
+# per class of identical layers) is therefore enumerated exactly; larger ones go to CBC.
+EXACT_COMBINATIONS = 20000
 QUALITY_TOL = 1e-6  # absolute slack on max_quality_loss (penalties are O(1e-3); CBC's tolerance is 1e-7)
 
 
@@ -429,7 +436,7 @@ def _run(lp, n, members, time_limit_s: float, warm: list[int] | None):
         warm = None
     try:
         lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.05), gapRel=GAP_REL,
-                                   warmStart=warm is not None))
+                                   warmStart=warm is not None, options=CBC_OPTIONS))
     except pulp.PulpSolverError as err:
         return None, f"solver error: {err}"
     if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
@@ -460,6 +467,39 @@ def _relaxed(prob: BudgetProblem, pairs, mode: str, lp) -> float | None:
     return {"latency": prob.fixed_s + v * _ref(prob, pairs), "penalty": v, "memory": v * MIB}[mode]
 
 
+def _exact(prob: BudgetProblem, pairs, members, mode: str, level: tuple[int, int, int, int],
+           pen_cap: float | None) -> tuple[list[int] | None, str] | None:
+    """The level's best plan by enumerating every count of each option per class (None when there are more
+    than EXACT_COMBINATIONS of them): (choice or None, "optimal" or "infeasible")."""
+    allowed = [[j for j, p in enumerate(ps) if _within(p, level)] for ps in pairs]
+    total = 1
+    for opts, mem in zip(allowed, members):
+        total *= math.comb(len(mem) + len(opts) - 1, max(len(opts) - 1, 0)) if opts else 0
+        if total > EXACT_COMBINATIONS:
+            return None
+    cap = prob.max_quality_loss if pen_cap is None else pen_cap
+    best, best_key = None, math.inf
+    for picks in itertools.product(*(itertools.combinations_with_replacement(opts, len(mem))
+                                     for opts, mem in zip(allowed, members))):
+        choice = [0] * len(prob.layers)
+        for mem, js in zip(members, picks):
+            for i, j in zip(mem, js):
+                choice[i] = j
+        chosen = [pairs[c][j] for c, js in enumerate(picks) for j in js]
+        if level[0] and level[2] < prob.prefetch_buffers and sum(1 for p in chosen if p.stream) > level[2]:
+            continue
+        if level[1] and level[3] < prob.prefetch_buffers and sum(1 for p in chosen if p.kv_stream) > level[3]:
+            continue
+        r = _result(prob, pairs, members, choice, None)
+        if mode != "memory" and not r.predicted_peak_bytes <= prob.capacity_bytes:
+            continue
+        if cap is not None and r.quality_loss > cap + QUALITY_TOL:
+            continue
+        if _key_of(r, mode) < best_key:
+            best, best_key = choice, _key_of(r, mode)
+    return (best, "optimal" if best is not None else "infeasible")
+
+
 def _solve_levels(prob: BudgetProblem, pairs, members, mode: str, deadline: float, start: list[int] | None,
                   pen_cap: float | None = None):
     """One ILP per prefetch-buffer level (the max over streamed layers, made a constant). Levels are
@@ -483,6 +523,14 @@ def _solve_levels(prob: BudgetProblem, pairs, members, mode: str, deadline: floa
         if bound >= best_key - 1e-9 * abs(best_key):
             continue  # this level cannot beat the incumbent
         share = 1.0 if k == len(models) - 1 else 0.5  # the most promising level gets half of what is left
+        exact = _exact(prob, pairs, members, mode, level, pen_cap)
+        if exact is not None:
+            choice, state = exact
+            if choice is not None:
+                r = _result(prob, pairs, members, choice, None)
+                if _key_of(r, mode) < best_key:
+                    best, best_key = choice, _key_of(r, mode)
+            continue
         choice, state = _run(lp, n, members, (deadline - time.perf_counter()) * share, best)
         for margin in (64, 4096, 2**18):  # over by a few bytes (CBC's tolerances, ~1e-9 of the total): cut them off
             r = _result(prob, pairs, members, choice, None) if choice is not None else None

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 
 import pulp
 from memopt.solvers.budget_ilp import (
+    CBC_OPTIONS,
     GAP_REL,
     MIB,
     OBJECTIVES,
@@ -401,7 +402,7 @@ def _solve(m: _Model, lp, n: dict, time_limit_s: float, warm: SplitResult | None
             v.setInitialValue(counts.get(key, 0))
     try:
         lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.05), gapRel=GAP_REL,
-                                   warmStart=warm is not None))
+                                   warmStart=warm is not None, options=CBC_OPTIONS))
     except pulp.PulpSolverError as err:
         return None, f"solver error: {err}"
     if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):

@@ -47,7 +47,6 @@ OBJECTIVES = ("latency", "quality")
 GIB = 2**30
 MIB = 2**20
 GAP_REL = 1e-4  # CBC stops within 0.01% of its bound
-CBC_OPTIONS: list[str] = []  # extra CBC command-line options (none: see `_exact` for why small levels skip CBC)
 # CBC 2.10 can report "optimal" for a worse plan, or "infeasible", when a plan sits within its tolerances of
 # the budget (it raises its cutoff increment to the objective's granularity and discards the near-boundary plan;
 # preprocessing on or off each fail on some problems). A level with at most EXACT_COMBINATIONS plans (counts
@@ -426,6 +425,20 @@ def _build(prob: BudgetProblem, pairs, members, mode: str, level: tuple[int, int
     return lp, n
 
 
+def solve_cbc(lp, time_limit_s: float, warm_start: bool, unsolved: str) -> str | None:
+    """Solve `lp` with CBC within `time_limit_s` (to GAP_REL): None when it has an integer solution, else why
+    not ("solver error: ...", "infeasible" or `unsolved`)."""
+    try:
+        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.05), gapRel=GAP_REL,
+                                   warmStart=warm_start))
+    except pulp.PulpSolverError as err:
+        return f"solver error: {err}"
+    if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
+        infeasible = lp.status == pulp.LpStatusInfeasible or lp.sol_status == pulp.LpSolutionInfeasible
+        return "infeasible" if infeasible else unsolved
+    return None
+
+
 def _run(lp, n, members, time_limit_s: float, warm: list[int] | None):
     """Solve; (choice per layer or None, status)."""
     if warm is not None and all(warm[i] in n[c] for c, mem in enumerate(members) for i in mem):
@@ -434,14 +447,9 @@ def _run(lp, n, members, time_limit_s: float, warm: list[int] | None):
                 v.setInitialValue(sum(warm[i] == j for i in mem))
     else:
         warm = None
-    try:
-        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.05), gapRel=GAP_REL,
-                                   warmStart=warm is not None, options=CBC_OPTIONS))
-    except pulp.PulpSolverError as err:
-        return None, f"solver error: {err}"
-    if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        infeasible = lp.status == pulp.LpStatusInfeasible or lp.sol_status == pulp.LpSolutionInfeasible
-        return None, "infeasible" if infeasible else "no solution"
+    failed = solve_cbc(lp, time_limit_s, warm is not None, "no solution")
+    if failed:
+        return None, failed
     choice = [0] * sum(len(m) for m in members)
     for c, mem in enumerate(members):
         it = iter(mem)

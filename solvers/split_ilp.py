@@ -34,8 +34,6 @@ from dataclasses import dataclass, field, replace
 
 import pulp
 from memopt.solvers.budget_ilp import (
-    CBC_OPTIONS,
-    GAP_REL,
     MIB,
     OBJECTIVES,
     QUALITY_TOL,
@@ -43,6 +41,7 @@ from memopt.solvers.budget_ilp import (
     LayerOptions,
     _Pair,
     _pairs,
+    solve_cbc,
 )
 
 from memopt.planning.plan import SolverReport
@@ -400,14 +399,9 @@ def _solve(m: _Model, lp, n: dict, time_limit_s: float, warm: SplitResult | None
         counts = _counts_of(m, warm)
         for key, v in n.items():
             v.setInitialValue(counts.get(key, 0))
-    try:
-        lp.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=max(time_limit_s, 0.05), gapRel=GAP_REL,
-                                   warmStart=warm is not None, options=CBC_OPTIONS))
-    except pulp.PulpSolverError as err:
-        return None, f"solver error: {err}"
-    if lp.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
-        infeasible = lp.status == pulp.LpStatusInfeasible or lp.sol_status == pulp.LpSolutionInfeasible
-        return None, "infeasible" if infeasible else "no solution within the time limit"
+    failed = solve_cbc(lp, time_limit_s, warm is not None, "no solution within the time limit")
+    if failed:
+        return None, failed
     counts = {k: max(0, round(v.varValue or 0)) for k, v in n.items()}
     if any(sum(c for (h, _, _), c in counts.items() if h == g) != len(seg) for g, seg in enumerate(m.segments)):
         return None, "rounded counts do not add up"

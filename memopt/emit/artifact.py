@@ -159,8 +159,6 @@ def save(opt_module, directory: str | os.PathLike, *, programs: dict | None = No
     """Write `opt_module` (an OptimizedModule) and its exported `programs` ({"program": ep,
     "generate": ep}) to `directory`, atomically. An existing directory that is not a memopt artifact is
     refused unless `force`. `key`: sign the manifest (HMAC-SHA256; `load(..., key=key)` checks it)."""
-    from memopt import __version__
-
     directory = check_output(directory, force=force)
     programs = programs if programs is not None else getattr(opt_module, "programs", None)
     for name in programs or {}:
@@ -193,12 +191,7 @@ def save(opt_module, directory: str | os.PathLike, *, programs: dict | None = No
             write_report(report, tmp)
         files = {p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"format": FORMAT, "memopt_version": __version__, "plan_schema_version": PLAN_SCHEMA_VERSION,
-                    "files": files}
-        manifest_bytes = json.dumps(manifest, indent=1).encode()
-        (tmp / MANIFEST).write_bytes(manifest_bytes)
-        if key is not None:
-            (tmp / SIGNATURE).write_text(json.dumps({"alg": "hmac-sha256", "sig": _sign(manifest_bytes, key)}))
+        write_manifest(tmp, files, key)
         _fault_point("before-swap")
         swap_in(tmp, directory)
     except BaseException as exc:
@@ -210,6 +203,18 @@ def save(opt_module, directory: str | os.PathLike, *, programs: dict | None = No
             raise err from None
         raise
     return directory
+
+
+def write_manifest(directory: Path, files: dict, key: bytes | None) -> None:
+    """`directory`'s manifest listing `files` ({name: {"sha256", "bytes"}}), and its signature with `key`."""
+    from memopt import __version__
+
+    manifest = {"format": FORMAT, "memopt_version": __version__, "plan_schema_version": PLAN_SCHEMA_VERSION,
+                "files": files}
+    manifest_bytes = json.dumps(manifest, indent=1).encode()
+    (directory / MANIFEST).write_bytes(manifest_bytes)
+    if key is not None:
+        (directory / SIGNATURE).write_text(json.dumps({"alg": "hmac-sha256", "sig": _sign(manifest_bytes, key)}))
 
 
 def _fault_point(step: str) -> None:

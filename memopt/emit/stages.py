@@ -440,10 +440,8 @@ def save_stages(result: StagedResult, directory, *, force: bool = False, key: by
     and at the top `plan.json`, `tokenizer/` and a manifest of those and of every stage's manifest."""
     import shutil
 
-    from memopt import __version__
     from memopt.emit import artifact
-    from memopt.emit.outdir import FORMAT, MANIFEST, check_output, check_space, new_tmp, swap_in, write_error
-    from memopt.planning.plan import PLAN_SCHEMA_VERSION
+    from memopt.emit.outdir import MANIFEST, check_output, check_space, new_tmp, swap_in, write_error
 
     directory = check_output(directory, force=force)
     check_space(directory, sum(artifact._tensor_bytes(r.programs) for r in result.stages))
@@ -460,13 +458,7 @@ def save_stages(result: StagedResult, directory, *, force: bool = False, key: by
             artifact._save_tokenizer(result.tokenizer, tmp / "tokenizer")
             listed += sorted(p.relative_to(tmp).as_posix() for p in (tmp / "tokenizer").glob("*") if p.is_file())
         files = {n: {"sha256": artifact._sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in sorted(listed)}
-        manifest = {"format": FORMAT, "memopt_version": __version__, "plan_schema_version": PLAN_SCHEMA_VERSION,
-                    "files": files}
-        manifest_bytes = json.dumps(manifest, indent=1).encode()
-        (tmp / MANIFEST).write_bytes(manifest_bytes)
-        if key is not None:
-            (tmp / artifact.SIGNATURE).write_text(json.dumps({"alg": "hmac-sha256",
-                                                              "sig": artifact._sign(manifest_bytes, key)}))
+        artifact.write_manifest(tmp, files, key)
         swap_in(tmp, directory)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -19,10 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from memopt.kv.h2o import h2o_scores, scissorhands_scores
 from memopt.kv.layout import layouts_from_str
-from memopt.kv.snapkv import snapkv_scores
-from memopt.kv.think import think_channel_scores
 
 Sink = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, float], None]
 _SINKS: list[tuple[Sink, str]] = []  # (sink, the model's own attention implementation)
@@ -76,7 +73,7 @@ def record_attention(model, sink: Sink):
 
 def fill_compressed(gm) -> Sink:
     """A sink that writes each layer's prompt keys and values into `gm`'s cache (compressed or static)."""
-    from memopt.runtime.kv_ops import fill_group
+    from memopt.runtime.kv_ops import fill_state
 
     meta = gm.meta.get("memopt_kv")
 
@@ -88,21 +85,8 @@ def fill_compressed(gm) -> Sink:
             return
         entry = meta["layers"].get(layer, meta["layers"].get(str(layer)))
         names = iter(entry["buffers"])
-        n_rep = q.shape[1] // k.shape[1]
-        for layout in layouts_from_str(entry["layouts"]):
-            bufs = {name: getattr(gm, next(names)) for name in layout.buffer_names()}
-            heads = torch.tensor(layout.heads, device=k.device)
-            q_heads = (heads[:, None] * n_rep + torch.arange(n_rep, device=k.device)).flatten()
-            qg, kg, vg = q[:, q_heads], k[:, heads], v[:, heads]
-            scores = channel_scores = None
-            if layout.prefill_score == "h2o":
-                scores = h2o_scores(qg, kg, scale)
-            elif layout.prefill_score == "scissorhands":
-                scores = scissorhands_scores(qg, kg, scale)
-            elif layout.prefill_score == "snapkv":
-                scores = snapkv_scores(qg, kg, scale, layout.window, layout.kernel)
-            if layout.kept_channels != layout.head_dim:
-                channel_scores = think_channel_scores(qg, kg, layout.channel_window)
-            fill_group(layout, bufs, kg, vg, scores, channel_scores)
+        groups = [(layout, {name: getattr(gm, next(names)) for name in layout.buffer_names()})
+                  for layout in layouts_from_str(entry["layouts"])]
+        fill_state(groups, q, k, v, scale)
 
     return sink

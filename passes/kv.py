@@ -28,11 +28,11 @@ import re
 from dataclasses import dataclass, replace
 
 import torch
-from torch._guards import detect_fake_mode
 
 from memopt.kv.layout import Layout, layouts_to_str
 from memopt.kv.policy import AnyKVPolicy, KVCachePolicy, PerHeadKVPolicy, PerLayerKVPolicy, parse_kv_spec
 from memopt.passes.base import Pass, PassResult
+from memopt.passes.weight_sites import graph_fake_mode
 from memopt.runtime import kv_ops  # noqa: F401  (registers memopt::kv_attend)
 
 INDEX_COPY = torch.ops.aten.index_copy_.default
@@ -374,7 +374,7 @@ def _rewrite(gm, site: CacheSite, layouts: tuple[Layout, ...], batch: int) -> li
     head_dim = _tensor(gm, site.key_attr.target).shape[-1]
     scale = site.scale or head_dim ** -0.5
     device = _tensor(gm, site.key_attr.target).device
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in graph.nodes if "val" in n.meta])
+    fake_mode = graph_fake_mode(graph)
     names, state = [], []
     with graph.inserting_before(out_node):
         for j, layout in enumerate(layouts):

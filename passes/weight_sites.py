@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import is_fake
+from torch._subclasses.fake_tensor import FakeTensor, is_fake
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from memopt.frontend.weights import real
@@ -189,6 +189,20 @@ def site_matches(site: WeightSite, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(site.layer, p) or fnmatch.fnmatchcase(site.target, p) for p in patterns)
 
 
+def graph_fake_mode(graph):
+    """The FakeTensorMode of the graph's `val` metadata (None when it has none). The first fake value answers:
+    export records every value under one mode; torch's `detect_fake_mode` over all of them was a third of a
+    SmolLM2 quantize, called once per new buffer."""
+    active = detect_fake_mode()  # a mode already tracing wins, as with detect_fake_mode(values)
+    if active is not None:
+        return active
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, FakeTensor):
+            return val.fake_mode
+    return None
+
+
 def set_buffer(gm, target: str, value: torch.Tensor, anchor):
     """Register `value` as buffer `target` on gm and return a get_attr node for it placed after `anchor`."""
     owner_path, _, name = target.rpartition(".")
@@ -196,7 +210,7 @@ def set_buffer(gm, target: str, value: torch.Tensor, anchor):
     owner.register_buffer(name, value)
     with gm.graph.inserting_after(anchor):
         node = gm.graph.get_attr(target)
-    fake_mode = detect_fake_mode([n.meta.get("val") for n in gm.graph.nodes if "val" in n.meta])
+    fake_mode = graph_fake_mode(gm.graph)
     if fake_mode is not None:
         with fake_mode:
             node.meta["val"] = torch.empty_like(value, device=value.device)

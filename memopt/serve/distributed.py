@@ -63,11 +63,13 @@ class _Peers:
     def __init__(self, rank: int, world: int, device: torch.device, timeout_s: float):
         self.rank, self.world, self.device, self.timeout = rank, world, device, timedelta(seconds=timeout_s)
 
-    def _wait(self, work, peer: str, what: str) -> None:
-        """Wait for `work` (a p2p or collective call with `peer`: "rank 1", "another rank")."""
+    def _wait(self, start, peer: str, what: str) -> None:
+        """Start (`start()`: a p2p or collective call with `peer`: "rank 1", "another rank") and wait for it. Starting
+        is inside the guard too: gloo raises there when the peer's socket is already closed (a rank killed while
+        this one was busy)."""
         limit = f"{self.timeout.total_seconds():g} s"
         try:
-            done = work.wait(timeout=self.timeout)
+            done = start().wait(timeout=self.timeout)
         except Exception as exc:  # gloo / NCCL raise several types for a closed socket or a timeout
             text = _first_line(exc)
             if "timed out" in text.lower() or "timeout" in text.lower():
@@ -79,16 +81,16 @@ class _Peers:
             raise StageError(f"rank {self.rank}: {what}: {peer} did not answer within {limit} (it hung)")
 
     def send(self, t: torch.Tensor, dst: int, what: str) -> None:
-        self._wait(dist.isend(t.contiguous(), dst), f"rank {dst}", f"sending {what}")
+        self._wait(lambda: dist.isend(t.contiguous(), dst), f"rank {dst}", f"sending {what}")
 
     def recv(self, shape, dtype: torch.dtype, src: int, what: str) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        self._wait(dist.irecv(buf, src), f"rank {src}", f"receiving {what}")
+        self._wait(lambda: dist.irecv(buf, src), f"rank {src}", f"receiving {what}")
         return buf
 
     def broadcast(self, t: torch.Tensor, src: int, what: str) -> torch.Tensor:
-        self._wait(dist.broadcast(t, src, async_op=True), f"rank {src}" if src != self.rank else "another rank",
-                   f"broadcasting {what}")
+        peer = f"rank {src}" if src != self.rank else "another rank"
+        self._wait(lambda: dist.broadcast(t, src, async_op=True), peer, f"broadcasting {what}")
         return t
 
     def agree(self, error: str | None, what: str) -> None:
@@ -100,7 +102,7 @@ class _Peers:
             mine[1:1 + len(msg)] = torch.frombuffer(bytearray(msg), dtype=torch.uint8)
         mine = mine.to(self.device)
         everyone = [torch.zeros_like(mine) for _ in range(self.world)]
-        self._wait(dist.all_gather(everyone, mine, async_op=True), "another rank", what)
+        self._wait(lambda: dist.all_gather(everyone, mine, async_op=True), "another rank", what)
         for r, t in enumerate(everyone):
             t = t.cpu()
             if int(t[0]):
@@ -204,7 +206,10 @@ def run_rank(directory, *, input_ids: torch.Tensor | None = None, max_new_tokens
                 out["tokens"] = _generate(module, peers, record, header, input_ids)
         return out
     finally:
-        dist.destroy_process_group()
+        try:
+            dist.destroy_process_group()
+        except Exception:  # gloo's "Connection closed by peer" when a peer died: the rank's own result or error
+            pass  # (raised above) is what it reports, not the teardown's
 
 
 def _header(forward_ids, input_ids, max_new_tokens: int, eos_token_id, prefill_chunk: int,

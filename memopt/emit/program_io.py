@@ -24,6 +24,7 @@ import ast
 import io
 import json
 import re
+import threading
 import zipfile
 from typing import Any
 
@@ -80,18 +81,20 @@ class ProgramError(ValueError):
 
 
 # ---------------------------------------------------------------- writing
+_SERIALIZING = threading.Lock()
 
 
 def dump_program(ep, name: str) -> bytes:
     """The zip bytes of `ep`'s graph and signature: no tensors, no sample inputs, no guards code."""
     from torch._export.serde.serialize import serialize
 
-    saved = ep._guards_code, ep._example_inputs
-    ep._guards_code, ep._example_inputs = [], None
-    try:
-        artifact = serialize(ep, serialize_state_dict=False, serialize_constants=False)
-    finally:
-        ep._guards_code, ep._example_inputs = saved
+    with _SERIALIZING:  # the fields are swapped on the shared program, and torch's serializer edits its graph
+        saved = ep._guards_code, ep._example_inputs  # for a while: one program at a time (concurrent saves of a
+        ep._guards_code, ep._example_inputs = [], None  # module raced: "Node ... is not added to the side table")
+        try:
+            artifact = serialize(ep, serialize_state_dict=False, serialize_constants=False)
+        finally:
+            ep._guards_code, ep._example_inputs = saved
     program = json.loads(artifact.exported_program)
     for node in program["graph_module"]["graph"]["nodes"]:
         node["metadata"] = {k: v for k, v in node.get("metadata", {}).items() if k in _KEEP_META}

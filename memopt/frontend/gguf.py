@@ -14,7 +14,6 @@ device; `load_gguf_model` loads (and dequantizes) it through transformers' own G
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import mmap
 import struct
@@ -140,23 +139,11 @@ def load_gguf_model(path: str | Path, dtype: torch.dtype = torch.float32):
 
 
 def load_gguf_tokenizer(path: str | Path):
-    """The tokenizer a GGUF file carries (transformers builds it from the file's vocabulary and merges), a copy of
-    the one this process built for the same file (path, size and modification time): building it walks the whole
-    vocabulary (4 s for SmolLM2), copying it takes 0.1 s, and no caller sees another's changes."""
+    """The tokenizer a GGUF file carries (transformers builds it from the file's vocabulary and merges)."""
     from transformers import AutoTokenizer
 
     path = _existing(path)
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _TOKENIZERS:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-        while len(_TOKENIZERS) >= 4:
-            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
-        _TOKENIZERS[key] = tokenizer
-    return copy.deepcopy(_TOKENIZERS[key])
-
-
-_TOKENIZERS: dict[tuple, Any] = {}  # load_gguf_tokenizer's, by (path, size, mtime), oldest first
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
 def smollm2_path() -> Path:

@@ -301,7 +301,7 @@ def _from_gguf(path: Path, dtype: torch.dtype | None, load_weights: bool, stream
 
     # memopt's reader (memopt/frontend/weights.py) builds the model transformers' GGUF loader builds, tensor for
     # tensor, in a third of its time (SmolLM2: 6 s instead of 21); a model it cannot name is left to transformers.
-    built = _streamed(path.name, config, dtype or torch.float32, lambda m: GGUFWeights(path, m), stream=stream)
+    built = _from_provider(path.name, config, dtype or torch.float32, lambda m: GGUFWeights(path, m), stream=stream)
     if not isinstance(built, str):
         model, family, provider = built
         tokenizer = gguf.load_gguf_tokenizer(path)
@@ -317,8 +317,8 @@ def _from_gguf(path: Path, dtype: torch.dtype | None, load_weights: bool, stream
                        notes=[note + (f" (not streamed: {built})" if stream else "")])
 
 
-def _streamed(name: str, config, dtype: torch.dtype, provider_for: Callable,
-              stream: bool = True) -> tuple[nn.Module, str, Any] | str:
+def _from_provider(name: str, config, dtype: torch.dtype, provider_for: Callable,
+                   stream: bool = True) -> tuple[nn.Module, str, Any] | str:
     """`(model, family, provider)`: the model with fake parameters that read from `provider_for(model)` when a pass
     needs them and real buffers (memopt/frontend/weights.py), or a string saying why it cannot stream. With
     `stream=False`, every parameter is read now (an eager model built by memopt's reader)."""
@@ -390,7 +390,7 @@ def _streamed_hf_dir(path: Path, config, dtype: torch.dtype | None) -> tuple[nn.
         dtype = found.pop()
     import copy
 
-    return _streamed(path.name, copy.deepcopy(config), _config_dtype(config, dtype), lambda m: provider)
+    return _from_provider(path.name, copy.deepcopy(config), _config_dtype(config, dtype), lambda m: provider)
 
 
 def _read_config(file: Path):

@@ -9,10 +9,12 @@ Phases:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import traceback
 import warnings
+from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -68,7 +70,107 @@ def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, se
     if phase in ("prefill", "decode") and source.family != "causal_lm":
         raise ValueError(f"phase {phase!r} needs a decoder LM; {source.name} is a {source.family} (use phase='forward')")
     if phase == "decode":
-        return _capture_decode(source, batch, cache_len or seq or min(source.max_seq, 1024), dynamic)
+        cache_len = cache_len or seq or min(source.max_seq, 1024)
+    key = _cache_key(source, phase, batch, seq, cache_len, dynamic)
+    held = _CAPTURES.get(key) if key is not None else None
+    if held is not None:
+        _CAPTURES.move_to_end(key)
+        rebound = _rebind(held, source)
+        if rebound is not None:
+            return rebound
+    captured = _capture(source, phase, batch, seq, cache_len, dynamic)
+    if key is not None:
+        _keep(key, captured)
+    return captured
+
+
+# ---------------------------------------------------------------- one trace per architecture and shape
+# Compiling a model several times (formats compared side by side, a budget tried at several sizes, the same model
+# directory compiled again) traces the same programs each time, and the export is most of a compile (a tiny Llama's
+# int8 compile: 1.5 s of 3.4). A program depends on the model's code, config and tensor shapes, not on its weights'
+# values (torch.export traces with fake tensors), so traces are kept by those (`_cache_key`) without any tensor
+# (`_keep`) and bound to the next model's own parameters and buffers by name (`_rebind`). Kept: the most recent
+# traces up to `CACHE_NODES` graph nodes in all. Not kept: models without a config (a plain nn.Module's Python
+# attributes, which its forward may read, are not in the key). `clear_captures()` empties it.
+CACHE_NODES = 20_000
+_CAPTURES: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (trace, model tensor names, orders)
+
+
+def clear_captures() -> None:
+    """Forget every kept trace (the next compile of each model exports it again)."""
+    _CAPTURES.clear()
+
+
+def _cache_key(source: ModelSource, phase: str, batch: int, seq, cache_len, dynamic: bool):
+    model, config = source.model, source.config
+    if source.fixed_inputs is not None or not isinstance(model, nn.Module) or not hasattr(config, "to_json_string"):
+        return None
+    try:
+        config_json = config.to_json_string(use_diff=False)
+    except Exception:  # a config that does not serialize: no key, no reuse
+        return None
+
+    def hooks(m: nn.Module) -> tuple:
+        return tuple(getattr(f, "__qualname__", repr(f)) for table in (m._forward_pre_hooks, m._forward_hooks)
+                     for f in table.values())
+
+    tensors = tuple((name, t.dtype, t.device.type, tuple(t.shape), isinstance(t, nn.Parameter))
+                    for name, t in (*model.named_parameters(remove_duplicate=False),
+                                    *model.named_buffers(remove_duplicate=False)))
+    tied = tuple(name for name, _ in model.named_parameters(remove_duplicate=True))
+    modules = tuple((name, type(m).__module__, type(m).__qualname__, m.training, hooks(m))
+                    for name, m in model.named_modules(remove_duplicate=False))
+    return (phase, batch, seq, cache_len, dynamic, source.family, bool(getattr(source, "pooled", False)),
+            source.weights is not None, config_json, getattr(config, "_attn_implementation", None),
+            tensors, tied, modules)
+
+
+def _keep(key: tuple, captured: Captured) -> None:
+    """Keep `captured`'s trace without the model's tensors (its parameters and buffers: names are enough)."""
+    ep = captured.exported
+    sig = ep.graph_signature
+    bound = frozenset((*sig.parameters, *sig.buffers))
+    order = (tuple(ep.state_dict), tuple(ep.constants))  # a fresh export's order, which a rebound one keeps
+    fresh = copy.copy(ep)
+    fresh._state_dict = {}
+    fresh._constants = {n: t for n, t in ep.constants.items() if n not in bound}
+    _CAPTURES[key] = (Captured(fresh, captured.phase, None, captured.example_inputs, dict(captured.example_kwargs),
+                               captured.batch, captured.seq, captured.cache_len, captured.dynamic,
+                               list(captured.notes), captured.dynamic_shapes), bound, order)
+    nodes = 0
+    for k in reversed(list(_CAPTURES)):
+        nodes += len(_CAPTURES[k][0].exported.graph.nodes)
+        if nodes > CACHE_NODES and k != key:
+            del _CAPTURES[k]
+
+
+def _rebind(held: tuple, source: ModelSource) -> Captured | None:
+    """The kept trace with `source`'s own parameters and buffers (a new KV cache for a decode program), or None
+    when its model lacks one of them."""
+    captured, bound, (state_order, constant_order) = held
+    ep = captured.exported
+    if captured.phase == "decode":
+        module = static_cache_decoder(source.model, captured.batch, captured.cache_len, source.device)
+    else:
+        module = source.traceable()
+    tables = {**dict(module.named_parameters(remove_duplicate=False)),
+              **dict(module.named_buffers(remove_duplicate=False))}
+    if not bound <= tables.keys():
+        return None
+    sig = ep.graph_signature
+    mutated = set(sig.buffers_to_mutate.values())
+    fresh = copy.copy(ep)
+    fresh._state_dict = {n: tables[n] for n in state_order}
+    fresh._constants = {n: tables[n] if n in bound else (ep.constants[n].clone() if n in mutated else ep.constants[n])
+                        for n in constant_order}
+    return Captured(fresh, captured.phase, source, captured.example_inputs, dict(captured.example_kwargs),
+                    captured.batch, captured.seq, captured.cache_len, captured.dynamic, list(captured.notes),
+                    captured.dynamic_shapes)
+
+
+def _capture(source: ModelSource, phase: str, batch: int, seq, cache_len, dynamic: bool) -> Captured:
+    if phase == "decode":
+        return _capture_decode(source, batch, cache_len, dynamic)
     module = source.traceable().eval()
     dynamic_shapes = None
     if dynamic and source.fixed_inputs is None:
@@ -179,7 +281,20 @@ def _without_stack_traces():
         fx_config.do_not_emit_stack_traces = before
 
 
+def without_provenance(ep: ExportedProgram) -> ExportedProgram:
+    """Drop torch.fx's provenance records (`node.meta["from_node"]`): each export copies every source node's chain
+    deeply into the new nodes, so a program exported again after the passes carried its whole history (1.7 s of a
+    SmolLM2 int4 compile went to copying it). memopt reads none, and artifacts never kept it (`program_io`)."""
+    for node in ep.graph.nodes:
+        node.meta.pop("from_node", None)
+    return ep
+
+
 def _export(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, source: ModelSource) -> ExportedProgram:
+    return without_provenance(_trace(module, args, kwargs, dynamic_shapes, source))
+
+
+def _trace(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, source: ModelSource) -> ExportedProgram:
     with warnings.catch_warnings(), _without_stack_traces():
         warnings.simplefilter("ignore")
         try:
@@ -210,7 +325,8 @@ def export_again(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_sh
     try:
         with warnings.catch_warnings(), _without_stack_traces():
             warnings.simplefilter("ignore")
-            return _aten_grouped_mm(torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False))
+            return without_provenance(_aten_grouped_mm(
+                torch.export.export(gm, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)))
     finally:
         for node in swapped:
             node.target = torch.ops.aten._grouped_mm.default

@@ -70,3 +70,53 @@ def test_bad_phase(demo_source, minilm_source):
         capture(minilm_source, phase="decode")
     with pytest.raises(ValueError, match="'train'"):
         capture(demo_source, phase="train")
+
+
+def _tiny_llamas(*seeds, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = []
+    for seed in seeds:
+        cfg = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **overrides)
+        torch.manual_seed(seed)
+        out.append(ModelSource(f"llama-{seed}", LlamaForCausalLM(cfg).eval(), "causal_lm", cfg))
+    return out
+
+
+def test_a_kept_trace_computes_with_the_next_models_own_tensors(monkeypatch):
+    """A second model of the same architecture and shapes takes the first one's trace without exporting, bound to
+    its own weights (its outputs, not the first model's) and, for a decode program, its own KV cache; a weight
+    changed in place is read where it lies; another config or `clear_captures` exports again."""
+    import memopt.capture as cap
+
+    a, b = _tiny_llamas(0, 1)
+    cap.clear_captures()
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    kept = capture(a, seq=8), capture(a, phase="decode", cache_len=16)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(cap, "_capture", no_export)
+    mine = capture(b, seq=8)
+    assert mine.source is b and mine.module is not None
+    want = b.model(ids, use_cache=False).logits
+    assert torch.equal(mine.module()(ids), want) and not torch.allclose(want, a.model(ids, use_cache=False).logits)
+    steps = [capture(m, phase="decode", cache_len=16).module() for m in (a, b)]
+    assert steps[0] is not steps[1]
+    full = [m.model(ids, use_cache=False).logits[0] for m in (a, b)]
+    for pos in range(ids.shape[1]):  # interleaved: each program reads and writes only its own cache
+        for step, ref in zip(steps, full):
+            out = step(input_ids=ids[:, pos:pos + 1], cache_position=torch.tensor([pos]))
+            torch.testing.assert_close(out[0, -1], ref[pos], atol=1e-5, rtol=1e-5)
+    assert kept[1].exported.constants["key_cache_0"].abs().sum() == 0  # the first capture's cache is untouched
+    with torch.no_grad():
+        b.model.lm_head.weight.mul_(2)
+    torch.testing.assert_close(capture(b, seq=8).module()(ids), b.model(ids, use_cache=False).logits)
+    other, = _tiny_llamas(2, rms_norm_eps=1e-3)
+    with pytest.raises(AssertionError, match="exported again"):
+        capture(other, seq=8)
+    cap.clear_captures()
+    with pytest.raises(AssertionError, match="exported again"):
+        capture(b, seq=8)

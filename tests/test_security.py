@@ -217,6 +217,20 @@ def test_good_artifact_still_loads_and_runs_identically(art, good):
         assert all(n.endswith((".json", "archive_format", "archive_version", "byteorder")) for n in z.namelist())
 
 
+def test_programs_read_as_torch_reads_them(good):
+    """memopt's JSON -> schema reader (type hints looked up once per class) builds the very dataclasses torch's
+    `_dict_to_dataclass` builds, for both programs of an artifact."""
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import _dict_to_dataclass
+
+    from memopt.emit.program_io import _to_dataclass
+
+    for name in ("program", "generate"):
+        with zipfile.ZipFile(good[0] / f"{name}.pt2") as z:
+            data = json.loads(z.read(f"{name}/models/{name}.json"))
+        assert _to_dataclass(schema.ExportedProgram, data) == _dict_to_dataclass(schema.ExportedProgram, data)
+
+
 def test_kv_cache_zeros_are_not_stored(good):
     """Caches are all zeros when saved: stored as shapes, allocated when loaded."""
     from safetensors import safe_open

@@ -263,12 +263,12 @@ _ASSUMPTIONS = {"positive", "integer", "nonnegative", "real", "finite", "negativ
 def load_program(blob: bytes, name: str, tensors: dict[str, torch.Tensor], where: str):
     """An ExportedProgram from checked JSON and `tensors` (keys `name::fqn` or `fqn`)."""
     from torch._export.serde import schema
-    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
+    from torch._export.serde.serialize import ExportedProgramDeserializer
 
     program = read_program_json(blob, name, where)
     check_program_json(program, where)
     try:
-        serialized = _dict_to_dataclass(schema.ExportedProgram, program)
+        serialized = _to_dataclass(schema.ExportedProgram, program)
         state_dict, constants = _bind(serialized.graph_module, name, tensors, where)
         return ExportedProgramDeserializer().deserialize(serialized, state_dict, constants, None)
     except ProgramError:
@@ -277,6 +277,75 @@ def load_program(blob: bytes, name: str, tensors: dict[str, torch.Tensor], where
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ProgramError(f"{where} is malformed ({type(exc).__name__}: {msg[:120]}); recompile the model") \
             from None
+
+
+def _to_dataclass(cls, data):
+    """torch's `serialize._dict_to_dataclass` (JSON -> the schema's dataclasses), the same rules, with each class's
+    type hints looked up once: torch resolves them (`typing.get_type_hints`) at every node of every graph, which
+    was a fifth of loading a program."""
+    kind, info = _schema_kind(cls)
+    if kind == "optional":
+        return None if data is None else _to_dataclass(info, data)
+    if kind == "union":
+        if not isinstance(data, dict) or len(data) != 1:
+            raise ValueError(f"a {info[0].__name__} is one {{field: value}}, got {type(data).__name__}")
+        (field, value), = data.items()
+        if not isinstance(field, str):
+            raise ValueError(f"a {info[0].__name__}'s field name is a string, got {type(field).__name__}")
+        return info[0].create(**{field: _to_dataclass(info[1][field], value)})
+    if kind == "dataclass":
+        return info[0](**{f: _to_dataclass(t, data[f]) for f, t in info[1] if f in data})
+    if isinstance(data, list):
+        return [_to_dataclass(info[0], d) for d in data] if data else data
+    if isinstance(data, dict):
+        return {k: _to_dataclass(info[1], v) for k, v in data.items()}
+    if info[2] is float:
+        return float(data)
+    return data
+
+
+_KINDS: dict = {}
+
+
+def _schema_kind(cls) -> tuple[str, Any]:
+    """How `_to_dataclass` reads `cls` (a schema class, a string or forward reference to one, a typing form),
+    computed once per class."""
+    try:
+        return _KINDS[cls]
+    except (KeyError, TypeError):  # TypeError: an unhashable typing form (none in the schema): not cached
+        pass
+    import dataclasses
+    import types
+    import typing
+
+    from torch._export.serde import schema
+    from torch._export.serde.union import _Union
+
+    resolved = cls
+    while isinstance(resolved, (str, typing.ForwardRef)):
+        name = resolved.__forward_arg__ if isinstance(resolved, typing.ForwardRef) else resolved
+        resolved = getattr(schema, name, None)
+        if resolved is None:
+            raise ValueError(f"unknown schema type {name!r}")
+    while typing.get_origin(resolved) is typing.Annotated:
+        resolved = resolved.__origin__
+    args = typing.get_args(resolved)
+    if typing.get_origin(resolved) in (typing.Union, types.UnionType) and type(None) in args:
+        if len(args) != 2:
+            raise ValueError(f"schema type {resolved} is not Optional[X]")
+        kind = ("optional", args[0])
+    elif isinstance(resolved, type) and issubclass(resolved, _Union):
+        kind = ("union", (resolved, typing.get_type_hints(resolved, globalns=vars(schema))))
+    elif dataclasses.is_dataclass(resolved):
+        hints = typing.get_type_hints(resolved, globalns=vars(schema))
+        kind = ("dataclass", (resolved, tuple((f.name, hints[f.name]) for f in dataclasses.fields(resolved))))
+    else:  # a list (element type first) or dict (value type second) form, or a plain value type
+        kind = ("value", (args[0] if args else None, args[1] if len(args) > 1 else None, resolved))
+    try:
+        _KINDS[cls] = kind
+    except TypeError:
+        pass
+    return kind
 
 
 def _bind(gm, name: str, tensors: dict, where: str) -> tuple[dict, dict]:

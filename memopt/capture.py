@@ -17,6 +17,7 @@ import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -70,18 +71,20 @@ def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, se
     if phase in ("prefill", "decode") and source.family != "causal_lm":
         raise ValueError(f"phase {phase!r} needs a decoder LM; {source.name} is a {source.family} (use phase='forward')")
     if phase == "decode":
-        cache_len = cache_len or seq or min(source.max_seq, 1024)
-    key = _cache_key(source, phase, batch, seq, cache_len, dynamic)
-    held = _CAPTURES.get(key) if key is not None else None
-    if held is not None:
-        _CAPTURES.move_to_end(key)
-        rebound = _rebind(held, source)
-        if rebound is not None:
-            return rebound
-    captured = _capture(source, phase, batch, seq, cache_len, dynamic)
-    if key is not None:
-        _keep(key, captured)
-    return captured
+        return _capture_decode(source, batch, cache_len or seq or min(source.max_seq, 1024), dynamic)
+    module = source.traceable().eval()
+    dynamic_shapes = None
+    if dynamic and source.fixed_inputs is None:
+        # trace with batch and seq >= 2 so neither specializes to 1; the graph still runs at size 1
+        args = source.example_inputs(max(batch, 2), max(seq or 0, 2) if seq else None)
+        dynamic_shapes = tuple({0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for _ in args)
+    else:
+        args = source.example_inputs(batch, seq)
+    ep = traced(source, module, args, {}, dynamic_shapes, lambda: _drop_detach_(_linear_matmuls(_aten_grouped_mm(
+        _export(module, args, {}, dynamic_shapes, source)))), phase)
+    seq_len = args[0].shape[1] if source.fixed_inputs is None and args[0].dim() > 1 else 0
+    return Captured(ep, phase, source, args, {}, args[0].shape[0] if seq_len else batch, seq_len, 0,
+                    dynamic_shapes is not None, [], dynamic_shapes)
 
 
 # ---------------------------------------------------------------- one trace per architecture and shape
@@ -101,88 +104,86 @@ def clear_captures() -> None:
     _CAPTURES.clear()
 
 
-def _cache_key(source: ModelSource, phase: str, batch: int, seq, cache_len, dynamic: bool):
-    model, config = source.model, source.config
-    if source.fixed_inputs is not None or not isinstance(model, nn.Module) or not hasattr(config, "to_json_string"):
+def traced(source: ModelSource, module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
+           export: Callable[[], ExportedProgram], *extra) -> ExportedProgram:
+    """`export()` (the program of `module`, which wraps `source.model`, called with `args`/`kwargs`), or a kept trace
+    of the same architecture and shapes bound to `module`'s tensors. `extra`: whatever else the trace depends on."""
+    key = _cache_key(source, module, args, kwargs, dynamic_shapes, extra)
+    held = _CAPTURES.get(key) if key is not None else None
+    if held is not None:
+        _CAPTURES.move_to_end(key)
+        ep = _rebind(held, module)
+        if ep is not None:
+            return ep
+    ep = export()
+    if key is not None:
+        _keep(key, ep)
+    return ep
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _cache_key(source: ModelSource, module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, extra: tuple):
+    config = source.config
+    if source.fixed_inputs is not None or not hasattr(config, "to_json_string"):
         return None
     try:
         config_json = config.to_json_string(use_diff=False)
     except Exception:  # a config that does not serialize: no key, no reuse
         return None
 
-    def hooks(m: nn.Module) -> tuple:
-        return tuple(getattr(f, "__qualname__", repr(f)) for table in (m._forward_pre_hooks, m._forward_hooks)
-                     for f in table.values())
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return "tensor", x.dtype, x.device.type, tuple(x.shape)
+        return "value", repr(x)
 
+    def described(m: nn.Module) -> tuple:  # its class, mode, hooks and plain attributes (a forward may read them)
+        hooks = tuple(getattr(f, "__qualname__", repr(f)) for table in (m._forward_pre_hooks, m._forward_hooks)
+                      for f in table.values())
+        plain = tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN)))
+        return type(m).__module__, type(m).__qualname__, hooks, plain
+
+    inputs = (tuple(spec(a) for a in args), tuple((k, spec(v)) for k, v in sorted(kwargs.items())))
     tensors = tuple((name, t.dtype, t.device.type, tuple(t.shape), isinstance(t, nn.Parameter))
-                    for name, t in (*model.named_parameters(remove_duplicate=False),
-                                    *model.named_buffers(remove_duplicate=False)))
-    tied = tuple(name for name, _ in model.named_parameters(remove_duplicate=True))
-    modules = tuple((name, type(m).__module__, type(m).__qualname__, m.training, hooks(m))
-                    for name, m in model.named_modules(remove_duplicate=False))
-    return (phase, batch, seq, cache_len, dynamic, source.family, bool(getattr(source, "pooled", False)),
-            source.weights is not None, config_json, getattr(config, "_attn_implementation", None),
-            tensors, tied, modules)
+                    for name, t in (*module.named_parameters(remove_duplicate=False),
+                                    *module.named_buffers(remove_duplicate=False)))
+    tied = tuple(name for name, _ in module.named_parameters(remove_duplicate=True))
+    modules = tuple((name, described(m)) for name, m in module.named_modules(remove_duplicate=False))
+    return (extra, inputs, repr(dynamic_shapes), source.family, source.weights is not None, config_json,
+            getattr(config, "_attn_implementation", None), tensors, tied, modules)
 
 
-def _keep(key: tuple, captured: Captured) -> None:
-    """Keep `captured`'s trace without the model's tensors (its parameters and buffers: names are enough)."""
-    ep = captured.exported
+def _keep(key: tuple, ep: ExportedProgram) -> None:
+    """Keep `ep`'s trace without the model's tensors (its parameters and buffers: names are enough)."""
     sig = ep.graph_signature
     bound = frozenset((*sig.parameters, *sig.buffers))
     order = (tuple(ep.state_dict), tuple(ep.constants))  # a fresh export's order, which a rebound one keeps
     fresh = copy.copy(ep)
     fresh._state_dict = {}
     fresh._constants = {n: t for n, t in ep.constants.items() if n not in bound}
-    _CAPTURES[key] = (Captured(fresh, captured.phase, None, captured.example_inputs, dict(captured.example_kwargs),
-                               captured.batch, captured.seq, captured.cache_len, captured.dynamic,
-                               list(captured.notes), captured.dynamic_shapes), bound, order)
+    _CAPTURES[key] = (fresh, bound, order)
     nodes = 0
     for k in reversed(list(_CAPTURES)):
-        nodes += len(_CAPTURES[k][0].exported.graph.nodes)
+        nodes += len(_CAPTURES[k][0].graph.nodes)
         if nodes > CACHE_NODES and k != key:
             del _CAPTURES[k]
 
 
-def _rebind(held: tuple, source: ModelSource) -> Captured | None:
-    """The kept trace with `source`'s own parameters and buffers (a new KV cache for a decode program), or None
-    when its model lacks one of them."""
-    captured, bound, (state_order, constant_order) = held
-    ep = captured.exported
-    if captured.phase == "decode":
-        module = static_cache_decoder(source.model, captured.batch, captured.cache_len, source.device)
-    else:
-        module = source.traceable()
+def _rebind(held: tuple, module: nn.Module) -> ExportedProgram | None:
+    """The kept trace with `module`'s own parameters and buffers (a decode wrapper's: a new KV cache), or None when
+    `module` lacks one of them."""
+    ep, bound, (state_order, constant_order) = held
     tables = {**dict(module.named_parameters(remove_duplicate=False)),
               **dict(module.named_buffers(remove_duplicate=False))}
     if not bound <= tables.keys():
         return None
-    sig = ep.graph_signature
-    mutated = set(sig.buffers_to_mutate.values())
+    mutated = set(ep.graph_signature.buffers_to_mutate.values())
     fresh = copy.copy(ep)
     fresh._state_dict = {n: tables[n] for n in state_order}
     fresh._constants = {n: tables[n] if n in bound else (ep.constants[n].clone() if n in mutated else ep.constants[n])
                         for n in constant_order}
-    return Captured(fresh, captured.phase, source, captured.example_inputs, dict(captured.example_kwargs),
-                    captured.batch, captured.seq, captured.cache_len, captured.dynamic, list(captured.notes),
-                    captured.dynamic_shapes)
-
-
-def _capture(source: ModelSource, phase: str, batch: int, seq, cache_len, dynamic: bool) -> Captured:
-    if phase == "decode":
-        return _capture_decode(source, batch, cache_len, dynamic)
-    module = source.traceable().eval()
-    dynamic_shapes = None
-    if dynamic and source.fixed_inputs is None:
-        # trace with batch and seq >= 2 so neither specializes to 1; the graph still runs at size 1
-        args = source.example_inputs(max(batch, 2), max(seq or 0, 2) if seq else None)
-        dynamic_shapes = tuple({0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for _ in args)
-    else:
-        args = source.example_inputs(batch, seq)
-    ep = _drop_detach_(_linear_matmuls(_aten_grouped_mm(_export(module, args, {}, dynamic_shapes, source))))
-    seq_len = args[0].shape[1] if source.fixed_inputs is None and args[0].dim() > 1 else 0
-    return Captured(ep, phase, source, args, {}, args[0].shape[0] if seq_len else batch, seq_len, 0,
-                    dynamic_shapes is not None, [], dynamic_shapes)
+    return fresh
 
 
 def static_cache_decoder(model: nn.Module, batch: int, cache_len: int, device=None) -> nn.Module:
@@ -255,9 +256,13 @@ def _capture_decode(source: ModelSource, batch: int, cache_len: int, dynamic: bo
     if dynamic:
         dim = Dim("tokens", min=1, max=cache_len)
         shapes = {"input_ids": {1: dim}, "cache_position": {0: dim}}
-    ep = _drop_detach_(_linear_matmuls(_aten_grouped_mm(_export(wrapper, (), kwargs, shapes, source))))
-    if ep.graph.eliminate_dead_code():  # e.g. OPT's unused mask of `past + new` ones, sized by the cache's length
-        ep.graph_module.recompile()
+    def export() -> ExportedProgram:
+        ep = _drop_detach_(_linear_matmuls(_aten_grouped_mm(_export(wrapper, (), kwargs, shapes, source))))
+        if ep.graph.eliminate_dead_code():  # e.g. OPT's unused mask of `past + new` ones, sized by the cache's length
+            ep.graph_module.recompile()
+        return ep
+
+    ep = traced(source, wrapper, (), kwargs, shapes, export, "decode", dynamic)
     return Captured(ep, "decode", source, (), kwargs, batch, tokens, cache_len, dynamic,
                     [f"decode step with a static KV cache of {cache_len} tokens"], shapes)
 

@@ -30,11 +30,17 @@ def pytest_xdist_auto_num_workers(config):
     return max(1, min(cores, int(memory // (4 * 2**30))))
 
 
+SHARED_SETUP = ("smollm2_by_transformers",)  # session fixtures so slow to build (~20 s) that their tests share a worker
+
+
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist, the slow tests first: the workers then end on quick ones and finish together, not one of
-    them idle while the other runs a minute-long test it took last (the order within each kind is kept)."""
+    them idle while the other runs a minute-long test it took last (the order within each kind is kept). The tests
+    of a `SHARED_SETUP` fixture lead, side by side: a worker's first tests are a contiguous run of the list
+    (xdist's worksteal), so one worker builds the fixture, not both."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+        items.sort(key=lambda item: (item.get_closest_marker("slow") is None,
+                                     not any(name in item.fixturenames for name in SHARED_SETUP)))
 
 
 @pytest.fixture(scope="session")

@@ -98,7 +98,7 @@ def test_a_kept_trace_computes_with_the_next_models_own_tensors(monkeypatch):
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(cap, "_capture", no_export)
+    monkeypatch.setattr(cap, "_export", no_export)
     mine = capture(b, seq=8)
     assert mine.source is b and mine.module is not None
     want = b.model(ids, use_cache=False).logits

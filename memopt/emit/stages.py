@@ -46,7 +46,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from memopt.capture import Captured, _aten_grouped_mm, _cache_heads, _export, _linear_matmuls, _positions_from
+from memopt.capture import (
+    Captured,
+    _aten_grouped_mm,
+    _cache_heads,
+    _export,
+    _linear_matmuls,
+    _positions_from,
+    traced,
+)
 from memopt.config import CompileConfig
 from memopt.frontend.sources import ModelSource
 from memopt.planning.plan import Plan
@@ -265,11 +273,15 @@ def _stage_cache_decoder(model: nn.Module, spec: StageSpec, batch: int, cache_le
     return wrapper
 
 
-def _export_quiet(module, args, kwargs, shapes, src) -> torch.export.ExportedProgram:
-    ep = _linear_matmuls(_aten_grouped_mm(_export(module, args, kwargs, shapes, src)))
-    if ep.graph.eliminate_dead_code():
-        ep.graph_module.recompile()
-    return ep
+def _export_quiet(module, args, kwargs, shapes, src, *extra) -> torch.export.ExportedProgram:
+    """The stage program of `module`, or a kept trace of the same stage of the same architecture (`traced`)."""
+    def export() -> torch.export.ExportedProgram:
+        ep = _linear_matmuls(_aten_grouped_mm(_export(module, args, kwargs, shapes, src)))
+        if ep.graph.eliminate_dead_code():
+            ep.graph_module.recompile()
+        return ep
+
+    return traced(src, module, args, kwargs, shapes, export, "stage", *extra)
 
 
 def capture_stage(src: ModelSource, spec: StageSpec, *, batch: int, seq: int, cache_len: int,
@@ -284,8 +296,8 @@ def capture_stage(src: ModelSource, spec: StageSpec, *, batch: int, seq: int, ca
     else:
         gen = torch.Generator().manual_seed(spec.index)
         args = (torch.randn((batch, seq, hidden_size), generator=gen).to(device=device, dtype=dtype),)
-    fwd = Captured(_export_quiet(_StageForward(model, spec.embed), args, {}, None, src), "prefill", src, args, {},
-                   batch, seq, 0, False, [])
+    fwd = Captured(_export_quiet(_StageForward(model, spec.embed), args, {}, None, src, "forward", repr(spec)),
+                   "prefill", src, args, {}, batch, seq, 0, False, [])
     tokens = 2
     x = (torch.zeros((batch, tokens), dtype=torch.long, device=device) if spec.embed else
          torch.zeros((batch, tokens, hidden_size), dtype=dtype, device=device))
@@ -298,8 +310,8 @@ def capture_stage(src: ModelSource, spec: StageSpec, *, batch: int, seq: int, ca
         note = f"decode step with a static KV cache of {cache_len} tokens (layers {spec.first}..{spec.last - 1})"
     else:
         step, note = _StageStep(model, spec.embed), "decode step of a stage without decoder layers (no cache)"
-    gen = Captured(_export_quiet(step, (), kwargs, shapes, src), "decode", src, (), kwargs, batch, tokens,
-                   cache_len if spec.layers else 0, True, [note], shapes)
+    gen = Captured(_export_quiet(step, (), kwargs, shapes, src, "decode", repr(spec)), "decode", src, (), kwargs, batch,
+                   tokens, cache_len if spec.layers else 0, True, [note], shapes)
     return fwd, gen
 
 

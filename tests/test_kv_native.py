@@ -58,6 +58,36 @@ def test_c_kernels_equal_the_torch_path(spec, batch, dtype, cache_dtype, monkeyp
         assert all(torch.equal(a, b) for a, b in zip(state, copy)), "both paths store the same cache"
 
 
+@pytest.mark.parametrize("spec", ["kivi:k4v4:g32:r64:pre", "kivi:k2v2:g16:r32:s4:pre", "kivi:k8v4:g16:r32:pre"])
+@pytest.mark.parametrize("batch, cache_dtype", [(1, "float16"), (2, "bfloat16")])
+def test_pre_rope_store_in_c_equals_both_torch_paths(spec, batch, cache_dtype, monkeypatch):
+    """Keys stored before RoPE, read by the C kernels (the query turned back to each token's position), equal the
+    PyTorch fast path and the general one (`attend_group`: keys dequantized and turned forward), through a ring
+    that wraps and a store that fills and evicts; all three store the same cache."""
+    lib = _kernels()
+    inv_freq = tuple((1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)).tolist())
+    layouts = tuple(Layout(**{**x.to_json(), "heads": x.heads, "dtype": cache_dtype, "rope_inv_freq": inv_freq})
+                    for x in parse_kv_spec(spec).layer_layouts(0, 3, 64, 256))
+    assert all(x.pre_rope and kv_ops.fast_path(x) for x in layouts)
+    for filled in (0, 70, 301):
+        torch.manual_seed(0)
+        state = [t for x in layouts for t in x.allocate(batch).values()]
+        if filled:
+            for layout, bufs in kv_ops.split_state(layouts_to_str(layouts), state):
+                kv_ops.fill_group(layout, bufs, torch.randn(batch, 3, filled, 64), torch.randn(batch, 3, filled, 64))
+        copies = [[t.clone() for t in state] for _ in range(2)]
+        got = _run(layouts, state, 40, filled, batch, torch.float32)
+        monkeypatch.setitem(native._STATE, "lib", None)  # the PyTorch fast path
+        fast = _run(layouts, copies[0], 40, filled, batch, torch.float32)
+        monkeypatch.setattr(kv_ops, "fast_path", lambda layout: False)  # the general path
+        general = _run(layouts, copies[1], 40, filled, batch, torch.float32)
+        monkeypatch.undo()
+        for a, b, c in zip(got, fast, general):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(a, c, atol=2e-5, rtol=1e-4)
+        assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(state, *copies))
+
+
 def test_soft_capped_wrapped_ring_equals_the_torch_path(monkeypatch):
     lib = _kernels()
     layout = parse_kv_spec("kivi:k4v4:g32:r64").layer_layouts(0, 3, 64, 1024)[0].for_attention(softcap=5.0)

@@ -15,9 +15,10 @@ prefills in one call; T > 1 later runs the decode step token by token.
 Per group of KV heads: attend over sinks + store (dequantized) + residual ring + the new token, update
 the eviction scores with this step's attention (H2O), then insert the new token (flushing the oldest
 residual group into the store and evicting a block when full). Layouts without scores, ThinK channels,
-pre-RoPE keys or a sliding window take `attend_fast`: the same result in one call of memopt's C kernels
-(`kivi_kernels.c`, built on first use by `memopt.runtime.native`; they read the packed store without
-dequantizing it), or in a few whole-tensor PyTorch ops where no C compiler is available.
+Hadamard-rotated pre-RoPE keys or a sliding window take `attend_fast`: the same result in one call of memopt's C
+kernels (`kivi_kernels.c`, built on first use by `memopt.runtime.native`; they read the packed store without
+dequantizing it, a pre-RoPE one by turning the query back to each token's position), or in a few whole-tensor
+PyTorch ops where no C compiler is available.
 `fill_layer` writes the state from a prefill's full-precision keys and values. A store with `pre_rope`
 un-rotates a block's keys at its positions before quantizing and re-rotates them when read; with
 `hadamard` it rotates keys and values by a Hadamard matrix before quantizing and back when read.
@@ -279,9 +280,11 @@ def attend_group(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Te
 
 
 def fast_path(L: Layout) -> bool:
-    """Whether `attend_fast` serves `L`: no eviction scores, every key channel kept, keys stored after RoPE and
-    no sliding window (its order of tokens is not `Layout.attended_positions`')."""
-    return not L.scored and L.kept_channels == L.head_dim and not L.pre_rope and not getattr(L, "sliding", 0)
+    """Whether `attend_fast` serves `L`: no eviction scores, every key channel kept, keys stored after RoPE or,
+    without a Hadamard rotation, before it, and no sliding window (its order of tokens is not
+    `Layout.attended_positions`')."""
+    return not L.scored and L.kept_channels == L.head_dim and not (L.pre_rope and L.hadamard) \
+        and not getattr(L, "sliding", 0)
 
 
 def attend_fast(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor, n: int, scale: float) -> Tensor:
@@ -301,8 +304,8 @@ def attend_fast(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Ten
     vals.append(v)
     qf = q.float() * scale
     lib = _native(L, bufs, qf, keys + vals)
-    out = _attend_torch(L, bufs, qf, keys, vals, nb, dead) if lib is None else \
-        _attend_native(lib, L, bufs, qf, keys, vals, nb, dead)
+    out = _attend_torch(L, bufs, qf, keys, vals, nb, dead, L.flushed(n)) if lib is None else \
+        _attend_native(lib, L, bufs, qf, keys, vals, nb, dead, L.flushed(n))
     insert(L, bufs, k, v, n, None)
     return out
 
@@ -331,7 +334,8 @@ def native_step(q: Tensor, k: Tensor, v: Tensor, state: list[Tensor], n: int, la
         slots = (bufs["sink_k"].narrow(2, n, 1), bufs["sink_v"].narrow(2, n, 1))
     elif L.residual and j - L.group * L.flushed(n) != L.residual:
         slots = (bufs["res_k"].narrow(2, j % L.residual, 1), bufs["res_v"].narrow(2, j % L.residual, 1))
-    out = _attend_native(lib, L, bufs, qf, keys, vals, nb, dead, None if slots is None else (k, v, *slots))
+    out = _attend_native(lib, L, bufs, qf, keys, vals, nb, dead, L.flushed(n),
+                         None if slots is None else (k, v, *slots))
     if slots is None:
         insert(L, bufs, k, v, n, None)
     return out.reshape(q.shape).to(q.dtype)
@@ -368,15 +372,16 @@ def _probs(L: Layout, scores: Tensor, stored: int, dead: tuple[int, int] | None)
 
 
 def _attend_torch(L: Layout, bufs: dict[str, Tensor], qf: Tensor, keys: list[Tensor], vals: list[Tensor], nb: int,
-                  dead: tuple[int, int] | None) -> Tensor:
-    """`attend_fast`'s attention in PyTorch ops: qf (batch, heads, n_rep, head_dim) fp32, already scaled."""
+                  dead: tuple[int, int] | None, flushed: int) -> Tensor:
+    """`attend_fast`'s attention in PyTorch ops: qf (batch, heads, n_rep, head_dim) fp32, already scaled;
+    `flushed`: the blocks flushed so far (a pre-RoPE store's positions)."""
     exact_k = torch.cat(keys, 2) if len(keys) > 1 else keys[0]
     exact_v = torch.cat(vals, 2) if len(vals) > 1 else vals[0]
     stored = nb * L.group
     scores = torch.empty((*qf.shape[:3], stored + exact_k.shape[2]), dtype=torch.float32, device=qf.device)
     scores[..., stored:] = qf @ exact_k.float().transpose(-1, -2)  # (matmul's out= into a strided view is slow)
     if nb:
-        _store_logits(L, bufs, qf, nb, scores[..., :stored])
+        _store_logits(L, bufs, qf, nb, scores[..., :stored], flushed)
     probs = _probs(L, scores, stored, dead)
     out = probs[..., stored:] @ exact_v.float()
     if nb:
@@ -414,10 +419,12 @@ def _rows(x: Tensor) -> list[int]:
 
 
 def _attend_native(lib, L: Layout, bufs: dict[str, Tensor], qf: Tensor, keys: list[Tensor], vals: list[Tensor],
-                   nb: int, dead: tuple[int, int] | None, insert_rows: tuple[Tensor, ...] | None = None) -> Tensor:
+                   nb: int, dead: tuple[int, int] | None, flushed: int,
+                   insert_rows: tuple[Tensor, ...] | None = None) -> Tensor:
     """`_attend_torch` in one call of the C kernels (`kivi_step`): columns [packed store | full-precision
-    segments], a 16-bit store being the first full-precision segment. `insert_rows` (k, v, key slot, value slot,
-    each (batch, heads, 1, head_dim)): the new token's rows, copied into their slots after the attention."""
+    segments], a 16-bit store being the first full-precision segment; a pre-RoPE store read with its blocks'
+    RoPE tables (`_rope_tables`). `insert_rows` (k, v, key slot, value slot, each (batch, heads, 1, head_dim)):
+    the new token's rows, copied into their slots after the attention."""
     b, h, r, d = qf.shape
     stored = nb * L.group
     packed_k, packed_v = bool(nb) and L.key_bits < 16, bool(nb) and L.value_bits < 16
@@ -443,7 +450,12 @@ def _attend_native(lib, L: Layout, bufs: dict[str, Tensor], qf: Tensor, keys: li
     for x in (*keys, *vals):
         table += _rows(x)
     args = array.array("q", table)
-    if lib.kivi_step(args.buffer_info()[0], float(getattr(L, "softcap", 0.0))):
+    rope = offsets = None
+    if packed_k and L.pre_rope:
+        tables, offsets = _rope_tables(L, nb, flushed, qf.device)
+        rope, offsets = tables.data_ptr(), array.array("q", offsets)
+    if lib.kivi_step(args.buffer_info()[0], float(getattr(L, "softcap", 0.0)), rope,
+                     None if offsets is None else offsets.buffer_info()[0]):
         raise RuntimeError(f"memopt's C KV kernels refused a layout they were given ({L}); "
                            "set MEMOPT_NATIVE=0 to read the cache with PyTorch ops and report this")
     if store_out is not out:
@@ -452,13 +464,36 @@ def _attend_native(lib, L: Layout, bufs: dict[str, Tensor], qf: Tensor, keys: li
 
 
 _NO_STORE = (torch.zeros(1, 1, 1, 1, dtype=torch.uint8),) * 3  # stand-ins for an absent packed store (not read)
+_ROPE: dict = {}
 
 
-def _store_logits(L: Layout, bufs: dict[str, Tensor], q: Tensor, nb: int, out: Tensor) -> None:
-    """q (batch, heads, n_rep, head_dim) fp32 against the first `nb` store blocks: logits into `out` (batch, heads,
-    n_rep, nb * group), which may be a strided view."""
+def _rope_tables(L: Layout, nb: int, flushed: int, device) -> tuple[Tensor, list[int]]:
+    """A pre-RoPE store's RoPE tables for kivi_kernels.c (`key_logits_rope`): per block of the flush order, cos then
+    sin (head_dim / 2, group) fp32 of its tokens' positions times inv_freq (as `kivi.rope` computes them), tokens in
+    the packed codes' plane order; kept per layout and grown with the context. And for each of the first `nb` store
+    slots, the offset (floats) of the table of the block it holds."""
+    per, half = 8 // L.key_bits, L.head_dim // 2
+    key = (L.rope_inv_freq, L.group, L.sinks, per, str(device))
+    tables = _ROPE.get(key)
+    if tables is None or tables.shape[0] < flushed:
+        count = max(flushed, 0 if tables is None else tables.shape[0] * 3 // 2)
+        freqs = _positions(L, torch.arange(count, device=device)).float().unsqueeze(-1) * _inv_freq(L, device)
+        cb = L.group // per
+        order = torch.tensor([per * j + i for i in range(per) for j in range(cb)], device=device)
+        freqs = freqs[:, order].transpose(1, 2)  # (blocks, half, group): a channel's tokens in plane order
+        tables = _ROPE[key] = torch.cat([freqs.cos(), freqs.sin()], 1).contiguous()
+    size = 2 * half * L.group
+    return tables, [(b + L.blocks * ((flushed - 1 - b) // L.blocks)) * size for b in range(nb)]
+
+
+def _store_logits(L: Layout, bufs: dict[str, Tensor], q: Tensor, nb: int, out: Tensor, flushed: int) -> None:
+    """q (batch, heads, n_rep, head_dim) fp32 against the first `nb` store blocks (of `flushed` so far): logits into
+    `out` (batch, heads, n_rep, nb * group), which may be a strided view."""
     if L.key_bits == 16:
         out.copy_(q @ bufs["store_k"][:, :, :nb].flatten(2, 3).float().transpose(-1, -2))
+        return
+    if L.pre_rope:  # (no Hadamard rotation: fast_path) keys turned forward to their positions
+        out.copy_(q @ read_keys(L, bufs, 0, nb, flushed).transpose(-1, -2))
         return
     if L.hadamard:
         q = q @ kivi.hadamard_matrix(L.head_dim).to(q.device)

@@ -21,6 +21,7 @@ from memopt.passes.base import Pass, PassResult
 from memopt.passes.quant_config import LosslessConfig
 from memopt.passes.weight_sites import (
     ReusedWeights,
+    WeightAliases,
     delete_attr,
     delete_weight,
     get_attr_path,
@@ -63,6 +64,7 @@ class LosslessPass(Pass):
         cfg, done = self.config, []
         record = gm.meta.setdefault("memopt_weights", {})
         reused = ReusedWeights(self.reuse)
+        aliases = WeightAliases(gm)
         for s in self._selected(sites, plan):
             w = get_attr_path(gm, s.target)
             if w.dtype != torch.bfloat16 or w.dim() != 2:
@@ -88,7 +90,7 @@ class LosslessPass(Pass):
                 replace_node(gm, emb, torch.ops.memopt.embedding_dfloat11.default, (*nodes, cfg.block_size, emb.args[1]))
             record[s.layer] = {"weight": s.target, "format": "lossless", "fp_bytes": w.nbytes,
                                "bytes": df11.compressed_bytes(parts)}
-            delete_weight(gm, s)
+            delete_weight(gm, s, aliases)
             done.append(s.layer)
         if done:
             gm.graph.lint()

@@ -40,6 +40,7 @@ from memopt.passes.weight_sites import (
     INT_SUFFIXES,
     KEEP_FORMATS,
     ReusedWeights,
+    WeightAliases,
     WeightSite,
     grouped_offsets,
     delete_weight,
@@ -144,6 +145,7 @@ class QuantizePass(Pass):
         stats = self._calibrate(gm, todo, stats_nodes)
         notes += _thin_calibration(todo, stats) + _rtn_experts(todo)
         record = gm.meta.setdefault("memopt_weights", {})
+        aliases = WeightAliases(gm)
         for s, cfg in todo:
             w = get_attr_path(gm, s.target)
             streamed = given[s.target] is None and is_streamed(w)  # given: reused tensors, the weight is not read
@@ -154,7 +156,7 @@ class QuantizePass(Pass):
                                 given[s.target])
             record[s.layer] = {"weight": s.target, "format": fmt, "fp_bytes": w.nbytes,
                                "bytes": _site_bytes(gm, s.target)}
-            delete_weight(gm, s)
+            delete_weight(gm, s, aliases)
             if streamed:  # its float copy and the quantizer's temporaries are garbage now: return them
                 del w
                 release_freed_memory()

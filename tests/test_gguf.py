@@ -236,3 +236,24 @@ def test_smollm2_real_load_matches_the_meta_config(smollm2_by_transformers, smol
                 "max_position_embeddings", "rope_parameters"):  # fmt: skip
         assert ours[key] == theirs[key], key
         assert smollm2_source.model.config.to_dict()[key] == theirs[key], key  # memopt's reader (resolve_source)
+
+
+@pytest.mark.slow  # AutoTokenizer reads the whole file (5 s)
+@needs_smollm2
+def test_smollm2_tokenizer_is_the_one_autotokenizer_builds():
+    """memopt builds SmolLM2's tokenizer class directly (no second parse of the file for a config): the same class,
+    vocabulary, merges and normalization (the backend's JSON), special tokens, settings and chat template as
+    transformers' AutoTokenizer, and the same ids."""
+    from transformers import AutoTokenizer
+
+    from memopt.frontend.gguf import load_gguf_tokenizer
+
+    path = smollm2_path()
+    ours = load_gguf_tokenizer(path)
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    assert type(ours) is type(theirs)
+    assert ours.backend_tokenizer.to_str() == theirs.backend_tokenizer.to_str()
+    assert ours.init_kwargs == theirs.init_kwargs and ours.special_tokens_map == theirs.special_tokens_map
+    assert ours.chat_template == theirs.chat_template and ours.eos_token_id == theirs.eos_token_id
+    for text in ("The capital of France is", "héllo wörld 123 <|im_start|>user\nhi<|im_end|>", " \t\n  x"):
+        assert ours(text).input_ids == theirs(text).input_ids

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import inspect
 import sys
+import threading
 import traceback
 import warnings
 from collections import OrderedDict
@@ -97,11 +98,13 @@ def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, se
 # attributes, which its forward may read, are not in the key). `clear_captures()` empties it.
 CACHE_NODES = 20_000
 _CAPTURES: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (trace, model tensor names, orders)
+_CAPTURES_LOCK = threading.Lock()
 
 
 def clear_captures() -> None:
     """Forget every kept trace (the next compile of each model exports it again)."""
-    _CAPTURES.clear()
+    with _CAPTURES_LOCK:
+        _CAPTURES.clear()
 
 
 def traced(source: ModelSource, module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes,
@@ -109,9 +112,11 @@ def traced(source: ModelSource, module: nn.Module, args: tuple, kwargs: dict, dy
     """`export()` (the program of `module`, which wraps `source.model`, called with `args`/`kwargs`), or a kept trace
     of the same architecture and shapes bound to `module`'s tensors. `extra`: whatever else the trace depends on."""
     key = _cache_key(source, module, args, kwargs, dynamic_shapes, extra)
-    held = _CAPTURES.get(key) if key is not None else None
+    with _CAPTURES_LOCK:
+        held = _CAPTURES.get(key) if key is not None else None
+        if held is not None:
+            _CAPTURES.move_to_end(key)
     if held is not None:
-        _CAPTURES.move_to_end(key)
         ep = _rebind(held, module)
         if ep is not None:
             return ep
@@ -162,12 +167,13 @@ def _keep(key: tuple, ep: ExportedProgram) -> None:
     fresh = copy.copy(ep)
     fresh._state_dict = {}
     fresh._constants = {n: t for n, t in ep.constants.items() if n not in bound}
-    _CAPTURES[key] = (fresh, bound, order)
-    nodes = 0
-    for k in reversed(list(_CAPTURES)):
-        nodes += len(_CAPTURES[k][0].graph.nodes)
-        if nodes > CACHE_NODES and k != key:
-            del _CAPTURES[k]
+    with _CAPTURES_LOCK:  # compiles may run on several threads
+        _CAPTURES[key] = (fresh, bound, order)
+        nodes = 0
+        for k in reversed(list(_CAPTURES)):
+            nodes += len(_CAPTURES[k][0].graph.nodes)
+            if nodes > CACHE_NODES and k != key:
+                del _CAPTURES[k]
 
 
 def _rebind(held: tuple, module: nn.Module) -> ExportedProgram | None:

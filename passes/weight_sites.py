@@ -249,9 +249,16 @@ def delete_weight(gm, site: WeightSite, aliases: WeightAliases | None = None) ->
         return
     if aliases is None:
         aliases = WeightAliases(gm)
+    used = []
     for node in aliases.nodes.pop(ptr, ()):
-        if not getattr(node, "_erased", False) and not node.users:
+        if getattr(node, "_erased", False):
+            continue
+        if node.users:  # still read (by another site of the same tensor): kept, and looked up again next time
+            used.append(node)
+        else:
             gm.graph.erase_node(node)
+    if used:
+        aliases.nodes[ptr] = used
     for name in aliases.names.pop(ptr, ()):
         if get_attr_path(gm, name) is not None:
             delete_attr(gm, name)

@@ -99,7 +99,7 @@ def main() -> None:
 
 Command: `python benchmarks/kv_step.py{' --quick' if args.quick else ''}`
 
-{__doc__.split(chr(10) + chr(10), 1)[1].split(chr(10) + chr(10))[0]}
+{__doc__.split(chr(10) + chr(10))[2].strip()}
 
 {rounds} rounds x {steps} steps per cell; ms per step (median), in brackets the speed-up over the general path.
 

@@ -34,6 +34,16 @@ def _run(layouts, state, steps, filled, batch, dtype, seed=1):
     return outs
 
 
+def _filled_state(layouts, batch: int, filled: int) -> list[torch.Tensor]:
+    """The layer's state after a prefill of `filled` random tokens (seeded; 3 KV heads of 64 channels)."""
+    torch.manual_seed(0)
+    state = [t for x in layouts for t in x.allocate(batch).values()]
+    if filled:
+        for layout, bufs in kv_ops.split_state(layouts_to_str(layouts), state):
+            kv_ops.fill_group(layout, bufs, torch.randn(batch, 3, filled, 64), torch.randn(batch, 3, filled, 64))
+    return state
+
+
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("batch, dtype, cache_dtype", [(1, torch.float32, "float16"), (2, torch.float32, "bfloat16"),
                                                       (1, torch.bfloat16, "float32")])
@@ -43,11 +53,7 @@ def test_c_kernels_equal_the_torch_path(spec, batch, dtype, cache_dtype, monkeyp
                     for x in parse_kv_spec(spec).layer_layouts(0, 3, 64, 1024))
     assert all(kv_ops.fast_path(x) for x in layouts)
     for filled in (0, 70, 301):
-        torch.manual_seed(0)
-        state = [t for x in layouts for t in x.allocate(batch).values()]
-        if filled:
-            for layout, bufs in kv_ops.split_state(layouts_to_str(layouts), state):
-                kv_ops.fill_group(layout, bufs, torch.randn(batch, 3, filled, 64), torch.randn(batch, 3, filled, 64))
+        state = _filled_state(layouts, batch, filled)
         copy = [t.clone() for t in state]
         got = _run(layouts, state, 40, filled, batch, dtype)
         monkeypatch.setitem(native._STATE, "lib", None)  # the PyTorch path
@@ -70,11 +76,7 @@ def test_pre_rope_store_in_c_equals_both_torch_paths(spec, batch, cache_dtype, m
                     for x in parse_kv_spec(spec).layer_layouts(0, 3, 64, 256))
     assert all(x.pre_rope and kv_ops.fast_path(x) for x in layouts)
     for filled in (0, 70, 301):
-        torch.manual_seed(0)
-        state = [t for x in layouts for t in x.allocate(batch).values()]
-        if filled:
-            for layout, bufs in kv_ops.split_state(layouts_to_str(layouts), state):
-                kv_ops.fill_group(layout, bufs, torch.randn(batch, 3, filled, 64), torch.randn(batch, 3, filled, 64))
+        state = _filled_state(layouts, batch, filled)
         copies = [[t.clone() for t in state] for _ in range(2)]
         got = _run(layouts, state, 40, filled, batch, torch.float32)
         monkeypatch.setitem(native._STATE, "lib", None)  # the PyTorch fast path

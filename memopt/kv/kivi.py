@@ -156,10 +156,15 @@ def hadamard_matrix(n: int) -> Tensor:
     return h / math.sqrt(n)
 
 
+def rope_angles(positions: Tensor, inv_freq: Tensor) -> Tensor:
+    """RoPE's angles (..., tokens, head_dim / 2) fp32: each position times each inverse frequency."""
+    return positions.float().unsqueeze(-1) * inv_freq.float()
+
+
 def rope(x: Tensor, positions: Tensor, inv_freq: Tensor, inverse: bool = False) -> Tensor:
     """Rotate x (..., tokens, head_dim) by RoPE at `positions` (..., tokens), broadcasting, as transformers'
     Llama does (channel i paired with i + head_dim / 2); `inverse` undoes it. fp32."""
-    freqs = positions.float().unsqueeze(-1) * inv_freq.float()
+    freqs = rope_angles(positions, inv_freq)
     emb = torch.cat([freqs, freqs], -1)
     cos, sin = emb.cos(), emb.sin()
     x = x.float()

@@ -477,13 +477,13 @@ def _rope_tables(L: Layout, nb: int, flushed: int, device) -> tuple[Tensor, list
     tables = _ROPE.get(key)
     if tables is None or tables.shape[0] < flushed:
         count = max(flushed, 0 if tables is None else tables.shape[0] * 3 // 2)
-        freqs = _positions(L, torch.arange(count, device=device)).float().unsqueeze(-1) * _inv_freq(L, device)
+        freqs = kivi.rope_angles(_positions(L, torch.arange(count, device=device)), _inv_freq(L, device))
         cb = L.group // per
         order = torch.tensor([per * j + i for i in range(per) for j in range(cb)], device=device)
         freqs = freqs[:, order].transpose(1, 2)  # (blocks, half, group): a channel's tokens in plane order
         tables = _ROPE[key] = torch.cat([freqs.cos(), freqs.sin()], 1).contiguous()
     size = 2 * half * L.group
-    return tables, [(b + L.blocks * ((flushed - 1 - b) // L.blocks)) * size for b in range(nb)]
+    return tables, [_slot_blocks(L, b, flushed) * size for b in range(nb)]
 
 
 def _store_logits(L: Layout, bufs: dict[str, Tensor], q: Tensor, nb: int, out: Tensor, flushed: int) -> None:
@@ -646,8 +646,7 @@ def read_keys(L: Layout, bufs: dict[str, Tensor], lo: int, hi: int, flushed: int
         if L.hadamard:
             keys = keys @ kivi.hadamard_matrix(L.head_dim).to(keys.device)
         if L.pre_rope:
-            slots = torch.arange(lo, hi, device=keys.device)
-            blocks = slots + L.blocks * torch.div(flushed - 1 - slots, L.blocks, rounding_mode="floor")
+            blocks = _slot_blocks(L, torch.arange(lo, hi, device=keys.device), flushed)
             keys = kivi.rope(keys, _positions(L, blocks), _inv_freq(L, keys.device))
     return keys.flatten(2, 3)
 
@@ -662,6 +661,12 @@ def read_values(L: Layout, bufs: dict[str, Tensor], lo: int, hi: int) -> Tensor:
         if L.hadamard:
             vals = vals @ kivi.hadamard_matrix(L.head_dim).to(vals.device)
     return vals.flatten(2, 3)
+
+
+def _slot_blocks(L: Layout, slots, flushed: int):
+    """The flush-order index of the block each store slot holds (`slots`: an int or a tensor) once `flushed` blocks
+    have been flushed into the ring of `L.blocks` slots."""
+    return slots + L.blocks * ((flushed - 1 - slots) // L.blocks)
 
 
 def _positions(L: Layout, blocks: Tensor) -> Tensor:

@@ -64,12 +64,14 @@ def test_c_kernels_equal_the_torch_path(spec, batch, dtype, cache_dtype, monkeyp
         assert all(torch.equal(a, b) for a, b in zip(state, copy)), "both paths store the same cache"
 
 
-@pytest.mark.parametrize("spec", ["kivi:k4v4:g32:r64:pre", "kivi:k2v2:g16:r32:s4:pre", "kivi:k8v4:g16:r32:pre"])
+@pytest.mark.parametrize("spec", ["kivi:k4v4:g32:r64:pre", "kivi:k2v2:g16:r32:s4:pre", "kivi:k8v4:g16:r32:pre",
+                                  "kivi:k2v2:g16:r32:s4:pre:had", "kivi:k4v2:g32:r64:pre:had"])
 @pytest.mark.parametrize("batch, cache_dtype", [(1, "float16"), (2, "bfloat16")])
 def test_pre_rope_store_in_c_equals_both_torch_paths(spec, batch, cache_dtype, monkeypatch):
-    """Keys stored before RoPE, read by the C kernels (the query turned back to each token's position), equal the
-    PyTorch fast path and the general one (`attend_group`: keys dequantized and turned forward), through a ring
-    that wraps and a store that fills and evicts; all three store the same cache."""
+    """Keys stored before RoPE, read by the C kernels (a block at a time dequantized, un-rotated if Hadamard-rotated
+    and turned to its positions), equal the PyTorch fast path and the general one
+    (`attend_group`: keys dequantized, un-rotated and turned forward), through a ring that wraps and a store that
+    fills and evicts; all three store the same cache."""
     lib = _kernels()
     inv_freq = tuple((1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)).tolist())
     layouts = tuple(Layout(**{**x.to_json(), "heads": x.heads, "dtype": cache_dtype, "rope_inv_freq": inv_freq})

@@ -190,63 +190,90 @@ int kivi_key_logits(int H, int R, int D, int bits, int group, int nb, const floa
     return 0;
 }
 
-/* Keys stored before RoPE (KIVI's pre-RoPE layout): key t of block b is RoPE at its position p of the stored k_t,
-   and q . RoPE_p(k_t) = sum_{c < D/2} k_tc (q_c cos + q_{c+D/2} sin) + k_t{c+D/2} (q_{c+D/2} cos - q_c sin), with
-   cos, sin of p * inv_freq_c: the query is turned back to the token's position instead of the key forward.
-   rope + offsets[b]: block b's table, cos (D/2, group) then sin (D/2, group), its tokens in plane order (token
-   per * j + i at i * cb + j), so the products run along a channel's codes as stored. Other arguments as
-   kivi_key_logits'. */
-INLINE void key_logits_rope(int H, int R, int D, const int bits, int group, int nb, const float *q, const uint8_t *kq,
-                            long kq_sh, long kq_sb, const uint16_t *ks, const uint16_t *kz, long s_sh, long s_sb,
-                            const float *rope, const int64_t *offsets, float *out, long o_sh, long o_sr, float *acc) {
+/* Keys stored before RoPE (KIVI's pre-RoPE layout): key t of block b is RoPE at its position p of the stored k_t.
+   A block is dequantized into `keys` (D, group) fp32, its tokens in plane order (token per * j + i at
+   i * cb + j, as its codes lie), turned to its positions (k_c, k_{c+D/2}) <- (k_c cos - k_{c+D/2} sin,
+   k_{c+D/2} cos + k_c sin) with cos, sin of p * inv_freq_c, then multiplied by the R query rows: the block is
+   dequantized and turned once for every row, and every loop runs along a block's tokens (vectors). rope +
+   offsets[b]: block b's table, cos (D/2, group) then sin (D/2, group), tokens in plane order. `rotated`: the
+   stored keys are Hadamard-rotated (codes of H k_t, H the orthonormal Sylvester matrix, D a power of two), turned
+   back first by a fast Walsh-Hadamard transform along the channels (log2 D butterfly passes, each a vector add /
+   subtract over the block's tokens). Other arguments as kivi_key_logits'; acc: R * group floats. */
+INLINE void key_logits_rope(int H, int R, int D, const int bits, int group, int nb, int rotated, const float *q,
+                            const uint8_t *kq, long kq_sh, long kq_sb, const uint16_t *ks, const uint16_t *kz,
+                            long s_sh, long s_sb, const float *rope, const int64_t *offsets, float *out, long o_sh,
+                            long o_sr, float *acc, float *keys) {
     const int per = 8 / bits, mask = (1 << bits) - 1, cb = group / per, half = D / 2;
+    const float norm = rotated ? 1.f / sqrtf((float)D) : 1.f;  /* H = (+-1 matrix) / sqrt(D), folded into s, z */
     float s[MAX_D], z[MAX_D];
     for (int h = 0; h < H; h++)
         for (int b = 0; b < nb; b++) {
             halves(ks + h * s_sh + b * s_sb, D, s);
             halves(kz + h * s_sh + b * s_sb, D, z);
-            const float *cos_t = rope + offsets[b], *sin_t = cos_t + (long)half * group;
             const uint8_t *block = kq + h * kq_sh + b * kq_sb;
-            for (int r = 0; r < R; r++) {
-                const float *qr = q + ((long)h * R + r) * D;
-                memset(acc, 0, sizeof(float) * group);
-                for (int c = 0; c < half; c++) {
-                    const float qa = qr[c], qb = qr[c + half], sa = s[c], za = z[c], sb = s[c + half], zb = z[c + half];
-                    const uint8_t *ua = block + (long)c * cb, *ub = block + (long)(c + half) * cb;
-                    for (int i = 0; i < per; i++) {
-                        const int shift = bits * i;
-                        const float *ci = cos_t + (long)c * group + i * cb, *si = sin_t + (long)c * group + i * cb;
-                        float *ac = acc + i * cb;
-                        for (int j = 0; j < cb; j++) {
-                            const float ka = (float)((ua[j] >> shift) & mask) * sa + za;
-                            const float kb = (float)((ub[j] >> shift) & mask) * sb + zb;
-                            ac[j] += (qa * ci[j] + qb * si[j]) * ka + (qb * ci[j] - qa * si[j]) * kb;
-                        }
-                    }
-                }
-                float *o = out + h * o_sh + r * o_sr + (long)b * group;
+            for (int c = 0; c < D; c++) {
+                const float sc = s[c] * norm, zc = z[c] * norm;
+                const uint8_t *u = block + (long)c * cb;
+                float *row = keys + (long)c * group;
                 for (int i = 0; i < per; i++)
-                    for (int j = 0; j < cb; j++) o[per * j + i] = acc[i * cb + j];
+                    for (int j = 0; j < cb; j++) row[i * cb + j] = (float)((u[j] >> (bits * i)) & mask) * sc + zc;
+            }
+            if (rotated)
+                for (int len = 1; len < D; len <<= 1)
+                    for (int c0 = 0; c0 < D; c0 += 2 * len)
+                        for (int c = c0; c < c0 + len; c++) {
+                            float *x = keys + (long)c * group, *y = x + (long)len * group;
+                            for (int t = 0; t < group; t++) {
+                                const float a = x[t], d = y[t];
+                                x[t] = a + d;
+                                y[t] = a - d;
+                            }
+                        }
+            const float *cos_t = rope + offsets[b], *sin_t = cos_t + (long)half * group;
+            for (int c = 0; c < half; c++) {
+                float *ka = keys + (long)c * group, *kb = keys + (long)(c + half) * group;
+                const float *ci = cos_t + (long)c * group, *si = sin_t + (long)c * group;
+                for (int t = 0; t < group; t++) {
+                    const float a = ka[t], d = kb[t];
+                    ka[t] = a * ci[t] - d * si[t];
+                    kb[t] = d * ci[t] + a * si[t];
+                }
+            }
+            memset(acc, 0, sizeof(float) * R * group);
+            for (int c = 0; c < D; c++) {
+                const float *row = keys + (long)c * group;
+                for (int r = 0; r < R; r++) {
+                    const float qc = q[((long)h * R + r) * D + c];
+                    float *ar = acc + (long)r * group;
+                    for (int t = 0; t < group; t++) ar[t] += qc * row[t];
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                float *o = out + h * o_sh + r * o_sr + (long)b * group;
+                const float *ar = acc + (long)r * group;
+                for (int i = 0; i < per; i++)
+                    for (int j = 0; j < cb; j++) o[per * j + i] = ar[i * cb + j];
             }
         }
 }
 
-#define KEYS_ROPE(H, R, D, group, nb, q, kq, kq_sh, kq_sb, ks, kz, s_sh, s_sb, rope, offsets, out, o_sh, o_sr, \
-                  work, BITS)                                                                                     \
-    key_logits_rope(H, R, D, BITS, group, nb, q, kq, kq_sh, kq_sb, ks, kz, s_sh, s_sb, rope, offsets, out, o_sh, o_sr, \
-                    work)
+#define KEYS_ROPE(H, R, D, group, nb, rotated, q, kq, kq_sh, kq_sb, ks, kz, s_sh, s_sb, rope, offsets, out, o_sh, \
+                  o_sr, work, BITS)                                                                                \
+    key_logits_rope(H, R, D, BITS, group, nb, rotated, q, kq, kq_sh, kq_sb, ks, kz, s_sh, s_sb, rope, offsets, out,  \
+                    o_sh, o_sr, work, work + (long)(R) * (group))
 
-/* kivi_key_logits for a pre-RoPE store (key_logits_rope), D even. */
-int kivi_key_logits_rope(int H, int R, int D, int bits, int group, int nb, const float *q, const uint8_t *kq,
-                         long kq_sh, long kq_sb, const uint16_t *ks, const uint16_t *kz, long s_sh, long s_sb,
-                         const float *rope, const int64_t *offsets, float *out, long o_sh, long o_sr) {
+/* kivi_key_logits for a pre-RoPE store (key_logits_rope), D even; rotated: Hadamard-rotated keys, D a power of
+   two. */
+int kivi_key_logits_rope(int H, int R, int D, int bits, int group, int nb, int rotated, const float *q,
+                         const uint8_t *kq, long kq_sh, long kq_sb, const uint16_t *ks, const uint16_t *kz, long s_sh,
+                         long s_sb, const float *rope, const int64_t *offsets, float *out, long o_sh, long o_sr) {
     if (D > MAX_D || D % 2 || R < 1 || R > MAX_R || group > 1024 || (bits != 2 && bits != 4 && bits != 8) ||
-        (group * bits) % 8 || !rope || !offsets)
+        (group * bits) % 8 || !rope || !offsets || (rotated && (D & (D - 1))))
         return 1;
-    float *work = malloc(sizeof(float) * group);  /* one row's accumulators */
+    float *work = malloc(sizeof(float) * group * ((long)R + D));  /* the rows' accumulators, a block's keys */
     if (!work) return 1;
-    BY_BITS(KEYS_ROPE, H, R, D, group, nb, q, kq, kq_sh, kq_sb, ks, kz, s_sh, s_sb, rope, offsets, out, o_sh, o_sr,
-            work);
+    BY_BITS(KEYS_ROPE, H, R, D, group, nb, rotated, q, kq, kq_sh, kq_sb, ks, kz, s_sh, s_sb, rope, offsets, out, o_sh,
+            o_sr, work);
     free(work);
     return 0;
 }
@@ -467,14 +494,15 @@ static void softmax_rows(float *scores, long rows, long n, long dead_lo, long de
    (value) segments kseg (vseg); both sides must cover the same n columns. Scores go to `scores` (H * R * n
    floats, overwritten), the packed values' output is added into store_out, the segments' into out (both (H, R, D)
    fp32 contiguous, may be the same). Columns [dead_lo, dead_hi) are masked; cap > 0 soft-caps the logits. A
-   non-NULL rope: the packed keys are stored before RoPE, block b's cos / sin tables at rope + offsets[b]
-   (key_logits_rope). Returns 0, or 1 when a kernel refuses its arguments (nothing is then written into out). */
+   non-NULL rope: the packed keys are stored before RoPE, block b's cos / sin tables at rope + offsets[b], and
+   Hadamard-rotated when `rotated` (key_logits_rope; qs is then q). Returns 0, or 1 when a kernel refuses its
+   arguments (nothing is then written into out). */
 int kivi_attend(int H, int R, int D, const float *q, const float *qs, int group, float cap, long dead_lo,
                 long dead_hi, int key_bits, int nbk, const uint8_t *kq, long kq_sh, long kq_sb, const uint16_t *ks,
                 const uint16_t *kz, long ks_sh, long ks_sb, int value_bits, int G, int nbv, const uint8_t *vq,
                 long vq_sh, const uint16_t *vs, const uint16_t *vz, long vs_sh, const int64_t *kseg, int kcount,
                 const int64_t *vseg, int vcount, float *scores, float *out, float *store_out, const float *rope,
-                const int64_t *offsets) {
+                const int64_t *offsets, int rotated) {
     long nk = (long)nbk * group, nv = (long)nbv * group;
     for (int k = 0; k < kcount; k++) nk += kseg[5 * k + 2];
     for (int k = 0; k < vcount; k++) nv += vseg[5 * k + 2];
@@ -486,8 +514,8 @@ int kivi_attend(int H, int R, int D, const float *q, const float *qs, int group,
                 (D / G) % (8 / value_bits)))
         return 1;
     const long n = nk, packed_k = (long)nbk * group, packed_v = (long)nbv * group;
-    if (nbk && (rope ? kivi_key_logits_rope(H, R, D, key_bits, group, nbk, qs, kq, kq_sh, kq_sb, ks, kz, ks_sh,
-                                            ks_sb, rope, offsets, scores, (long)R * n, n)
+    if (nbk && (rope ? kivi_key_logits_rope(H, R, D, key_bits, group, nbk, rotated, qs, kq, kq_sh, kq_sb, ks, kz,
+                                            ks_sh, ks_sb, rope, offsets, scores, (long)R * n, n)
                      : kivi_key_logits(H, R, D, key_bits, group, nbk, qs, kq, kq_sh, kq_sb, ks, kz, ks_sh, ks_sb,
                                        scores, (long)R * n, n)))
         return 1;
@@ -536,8 +564,9 @@ static void copy_rows(int H, int D, const int64_t *src, const int64_t *dst) {
 /* `kivi_attend` with every argument in one int64 table (one ctypes argument: the call costs ~1 us instead of ~7),
    out and store_out zeroed here, then, when a[30] is 1, the new token's key and value rows copied into their
    slot (a[31..36]: source key address, dtype, head stride, the same for the value; a[37..42]: the slots').
-   rope, offsets: a pre-RoPE key store's tables (kivi_attend), NULL otherwise. */
-int kivi_step(const int64_t *a, double cap, const float *rope, const int64_t *offsets) {
+   rope, offsets: a pre-RoPE key store's tables (kivi_attend), NULL otherwise; rotated: its keys are
+   Hadamard-rotated. */
+int kivi_step(const int64_t *a, double cap, const float *rope, const int64_t *offsets, int rotated) {
     const int H = (int)a[0], R = (int)a[1], D = (int)a[2];
     const int kcount = (int)a[28], vcount = (int)a[29];
     const int64_t *kseg = a + 43, *vseg = kseg + 5 * kcount;
@@ -550,7 +579,7 @@ int kivi_step(const int64_t *a, double cap, const float *rope, const int64_t *of
                          (const uint16_t *)(intptr_t)a[13], (const uint16_t *)(intptr_t)a[14], a[15], a[16], (int)a[17],
                          (int)a[18], (int)a[19], (const uint8_t *)(intptr_t)a[20], a[21],
                          (const uint16_t *)(intptr_t)a[22], (const uint16_t *)(intptr_t)a[23], a[24], kseg, kcount,
-                         vseg, vcount, (float *)(intptr_t)a[25], out, store_out, rope, offsets);
+                         vseg, vcount, (float *)(intptr_t)a[25], out, store_out, rope, offsets, rotated);
     if (rc || !a[30]) return rc;
     for (int x = 0; x < 2; x++)
         if (a[31 + 3 * x + 1] < 0 || a[31 + 3 * x + 1] > 2 || a[37 + 3 * x + 1] < 0 || a[37 + 3 * x + 1] > 2) return 1;

@@ -14,11 +14,11 @@ prefills in one call; T > 1 later runs the decode step token by token.
 
 Per group of KV heads: attend over sinks + store (dequantized) + residual ring + the new token, update
 the eviction scores with this step's attention (H2O), then insert the new token (flushing the oldest
-residual group into the store and evicting a block when full). Layouts without scores, ThinK channels,
-Hadamard-rotated pre-RoPE keys or a sliding window take `attend_fast`: the same result in one call of memopt's C
-kernels (`kivi_kernels.c`, built on first use by `memopt.runtime.native`; they read the packed store without
-dequantizing it, a pre-RoPE one by turning the query back to each token's position), or in a few whole-tensor
-PyTorch ops where no C compiler is available.
+residual group into the store and evicting a block when full). Layouts without scores, ThinK channels or a
+sliding window take `attend_fast`: the same result in one call of memopt's C kernels (`kivi_kernels.c`, built on
+first use by `memopt.runtime.native`; they read the packed store without dequantizing it, except a pre-RoPE one,
+dequantized a block at a time into a scratch that stays in cache, un-rotated (Hadamard) and turned to its
+positions there), or in a few whole-tensor PyTorch ops where no C compiler is available.
 `fill_layer` writes the state from a prefill's full-precision keys and values. A store with `pre_rope`
 un-rotates a block's keys at its positions before quantizing and re-rotates them when read; with
 `hadamard` it rotates keys and values by a Hadamard matrix before quantizing and back when read.
@@ -280,11 +280,9 @@ def attend_group(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Te
 
 
 def fast_path(L: Layout) -> bool:
-    """Whether `attend_fast` serves `L`: no eviction scores, every key channel kept, keys stored after RoPE or,
-    without a Hadamard rotation, before it, and no sliding window (its order of tokens is not
-    `Layout.attended_positions`')."""
-    return not L.scored and L.kept_channels == L.head_dim and not (L.pre_rope and L.hadamard) \
-        and not getattr(L, "sliding", 0)
+    """Whether `attend_fast` serves `L`: no eviction scores, every key channel kept, and no sliding window (its
+    order of tokens is not `Layout.attended_positions`')."""
+    return not L.scored and L.kept_channels == L.head_dim and not getattr(L, "sliding", 0)
 
 
 def attend_fast(L: Layout, bufs: dict[str, Tensor], q: Tensor, k: Tensor, v: Tensor, n: int, scale: float) -> Tensor:
@@ -423,8 +421,9 @@ def _attend_native(lib, L: Layout, bufs: dict[str, Tensor], qf: Tensor, keys: li
                    insert_rows: tuple[Tensor, ...] | None = None) -> Tensor:
     """`_attend_torch` in one call of the C kernels (`kivi_step`): columns [packed store | full-precision
     segments], a 16-bit store being the first full-precision segment; a pre-RoPE store read with its blocks'
-    RoPE tables (`_rope_tables`). `insert_rows` (k, v, key slot, value slot, each (batch, heads, 1, head_dim)):
-    the new token's rows, copied into their slots after the attention."""
+    RoPE tables (`_rope_tables`), its Hadamard rotation (if any) undone in the kernel a block at a time.
+    `insert_rows` (k, v, key slot, value slot, each (batch, heads, 1, head_dim)): the new token's rows, copied
+    into their slots after the attention."""
     b, h, r, d = qf.shape
     stored = nb * L.group
     packed_k, packed_v = bool(nb) and L.key_bits < 16, bool(nb) and L.value_bits < 16
@@ -433,7 +432,7 @@ def _attend_native(lib, L: Layout, bufs: dict[str, Tensor], qf: Tensor, keys: li
     if nb and not packed_v:
         vals = [bufs["store_v"][:, :, :nb].flatten(2, 3), *vals]
     n = stored + sum(x.shape[2] for x in vals[1 if nb and not packed_v else 0:])
-    qs = qf @ kivi.hadamard_matrix(d).to(qf.device) if packed_k and L.hadamard else qf
+    qs = qf @ kivi.hadamard_matrix(d).to(qf.device) if packed_k and L.hadamard and not L.pre_rope else qf
     out = torch.empty((b, h, r, d), dtype=torch.float32, device=qf.device)  # zeroed by the kernel
     store_out = torch.empty_like(out) if packed_v and L.hadamard else out
     kq, ks, kz = (bufs["store_kq"], bufs["store_kscale"], bufs["store_kzero"]) if packed_k else _NO_STORE
@@ -455,7 +454,7 @@ def _attend_native(lib, L: Layout, bufs: dict[str, Tensor], qf: Tensor, keys: li
         tables, offsets = _rope_tables(L, nb, flushed, qf.device)
         rope, offsets = tables.data_ptr(), array.array("q", offsets)
     if lib.kivi_step(args.buffer_info()[0], float(getattr(L, "softcap", 0.0)), rope,
-                     None if offsets is None else offsets.buffer_info()[0]):
+                     None if offsets is None else offsets.buffer_info()[0], int(rope is not None and L.hadamard)):
         raise RuntimeError(f"memopt's C KV kernels refused a layout they were given ({L}); "
                            "set MEMOPT_NATIVE=0 to read the cache with PyTorch ops and report this")
     if store_out is not out:
@@ -492,7 +491,7 @@ def _store_logits(L: Layout, bufs: dict[str, Tensor], q: Tensor, nb: int, out: T
     if L.key_bits == 16:
         out.copy_(q @ bufs["store_k"][:, :, :nb].flatten(2, 3).float().transpose(-1, -2))
         return
-    if L.pre_rope:  # (no Hadamard rotation: fast_path) keys turned forward to their positions
+    if L.pre_rope:  # keys turned back from a Hadamard rotation and forward to their positions
         out.copy_(q @ read_keys(L, bufs, 0, nb, flushed).transpose(-1, -2))
         return
     if L.hadamard:

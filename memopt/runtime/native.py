@@ -36,10 +36,10 @@ SIGNATURES = {
     "dense_output": [_INT] * 3 + [_PTR, _LONG, _LONG, _SEGMENTS, _INT, _PTR],
     "kivi_attend": [_INT] * 3 + [_PTR, _PTR, _INT, ctypes.c_float, _LONG, _LONG, _INT, _INT, _PTR, _LONG, _LONG, _PTR,
                                  _PTR, _LONG, _LONG, _INT, _INT, _INT, _PTR, _LONG, _PTR, _PTR, _LONG, _SEGMENTS, _INT,
-                                 _SEGMENTS, _INT, _PTR, _PTR, _PTR, _PTR, _SEGMENTS],
-    "kivi_key_logits_rope": [_INT] * 6 + [_PTR, _PTR, _LONG, _LONG, _PTR, _PTR, _LONG, _LONG, _PTR, _SEGMENTS, _PTR,
+                                 _SEGMENTS, _INT, _PTR, _PTR, _PTR, _PTR, _SEGMENTS, _INT],
+    "kivi_key_logits_rope": [_INT] * 7 + [_PTR, _PTR, _LONG, _LONG, _PTR, _PTR, _LONG, _LONG, _PTR, _SEGMENTS, _PTR,
                                           _LONG, _LONG],
-    "kivi_step": [_PTR, ctypes.c_double, _PTR, _PTR],
+    "kivi_step": [_PTR, ctypes.c_double, _PTR, _PTR, _INT],
 }
 _LOCK = threading.Lock()
 _STATE: dict = {}

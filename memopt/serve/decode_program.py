@@ -31,20 +31,21 @@ _REPEAT_VIEWS = {torch.ops.aten.unsqueeze.default, torch.ops.aten.expand.default
                  torch.ops.aten.contiguous.default, torch.ops.aten.alias.default}
 _HEAD_OPS = ("aten.linear.default", "memopt.linear_int8.default", "memopt.linear_int4.default",
              "memopt.linear_dfloat11.default")
-_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # generator -> (its code, decode program)
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # generator -> {every_position: (code, program)}
 _DIRECT = {torch.ops.memopt.kv_attend.default: kv_ops.attend,  # op -> the plain function it runs
            torch.ops.memopt.cache_attend.default: kv_ops.attend_cache,
            torch.ops.memopt.linear_int8.default: quant_ops.int8_linear,
            torch.ops.memopt.linear_int4.default: quant_ops.int4_linear}
 
 
-def decode_program(generator: fx.GraphModule) -> fx.GraphModule:
+def decode_program(generator: fx.GraphModule, *, every_position: bool = False) -> fx.GraphModule:
     """`generator` as generation runs it (see the module doc): its logits are (batch, 1, vocab), those of the
-    last position. Cached per program (rebuilt when its code changes); shares every tensor with it."""
+    last position (`every_position`: (batch, T, vocab), the LM head left whole, for teacher forcing). Cached per
+    program (rebuilt when its code changes); shares every tensor with it."""
     if not isinstance(generator, fx.GraphModule):
         return generator
     code = generator.code
-    cached = _PROGRAMS.get(generator)
+    cached = _PROGRAMS.get(generator, {}).get(every_position)
     if cached is not None and cached[0] == code:
         return cached[1]
     graph = fx.Graph()
@@ -52,7 +53,7 @@ def decode_program(generator: fx.GraphModule) -> fx.GraphModule:
     value, output = graph.graph_copy(generator.graph, {}, return_output_node=True)
     graph.output(value, output.type)
     attended = sum(_attend_written_slots(graph, sdpa) for sdpa in list(graph.nodes) if sdpa.target is _SDPA)
-    sliced = _last_position_logits(graph)
+    sliced = not every_position and _last_position_logits(graph)
     dropped = _drop_no_ops(graph)
     direct = [node for node in graph.nodes if node.target in _DIRECT]
     for node in direct:
@@ -62,7 +63,7 @@ def decode_program(generator: fx.GraphModule) -> fx.GraphModule:
     else:
         program = fx.GraphModule(generator, graph, class_name="DecodeProgram")
         program.meta = generator.meta
-    _PROGRAMS[generator] = (code, program)
+    _PROGRAMS.setdefault(generator, {})[every_position] = (code, program)
     return program
 
 

@@ -116,17 +116,32 @@ def generate(gm, prompt_ids: Tensor, max_new_tokens: int = 32, *, model=None, eo
     return torch.cat(out, dim=1)  # outside inference mode: an ordinary tensor
 
 
-def teacher_forced_logits(gm, ids: Tensor, prefill_tokens: int, *, model=None) -> Tensor:
-    """Prefill `ids[:, :prefill_tokens]`, then feed the rest one token at a time: the logits at positions
-    prefill_tokens - 1 .. T - 1, (batch, T - prefill_tokens + 1, vocab), aligned with `model(ids).logits[:, prefill_tokens - 1:]`."""
+def teacher_forced_logits(gm, ids: Tensor, prefill_tokens: int, *, model=None, chunk: int = 64) -> Tensor:
+    """Prefill `ids[:, :prefill_tokens]`, then feed the rest: the logits at positions prefill_tokens - 1 .. T - 1,
+    (batch, T - prefill_tokens + 1, vocab), aligned with `model(ids).logits[:, prefill_tokens - 1:]`.
+
+    A program captured for one token per call is fed one token at a time. One that takes a dynamic number of
+    tokens (`capture(..., phase="decode", dynamic=True)`, a generation program) is fed `chunk` tokens a call and
+    returns every position's logits: the weights are read once a chunk instead of once a token (SmolLM2, 128
+    tokens after a 512-token prompt with a KIVI cache: 13.1 s -> 2.4 s). The cache sees the same tokens in the
+    same order (`memopt::kv_attend` steps through a chunk token by token, a static cache masks the chunk
+    causally), so the logits are those of one-token calls up to the rounding of a product over several rows."""
     if not 1 <= prefill_tokens <= ids.shape[1]:
         raise ValueError(f"prefill_tokens must be in [1, {ids.shape[1]}], got {prefill_tokens}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be a positive int (tokens per call), got {chunk!r}")
     _check_length(gm, ids.shape[1])
-    out = [prefill(gm, ids[:, :prefill_tokens], model)]
+    out = [prefill(gm, ids[:, :prefill_tokens], model)[:, None]]
+    step = chunk if tokens_per_call(gm) is None else 1
+    program = decode_program(gm, every_position=True) if step > 1 else None
     with torch.no_grad():
-        for t in range(prefill_tokens, ids.shape[1]):
-            out.append(decode_step(gm, ids[:, t : t + 1], t))
-    return torch.stack(out, dim=1)
+        for t in range(prefill_tokens, ids.shape[1], step):
+            if program is None:
+                out.append(decode_step(gm, ids[:, t : t + 1], t)[:, None])
+                continue
+            part = ids[:, t : t + step]
+            out.append(program(input_ids=part, cache_position=torch.arange(t, t + part.shape[1], device=ids.device)))
+    return torch.cat(out, dim=1)
 
 
 def _check_length(gm, tokens: int) -> None:

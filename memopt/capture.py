@@ -96,7 +96,10 @@ def capture(source: ModelSource, *, phase: str | None = None, batch: int = 1, se
 # (`_keep`) and bound to the next model's own parameters and buffers by name (`_rebind`). Kept: the most recent
 # traces up to `CACHE_NODES` graph nodes in all. Not kept: models without a config (a plain nn.Module's Python
 # attributes, which its forward may read, are not in the key). `clear_captures()` empties it.
-CACHE_NODES = 20_000
+# A program exported again after its passes (`export_again`) is kept the same way: a GraphModule's forward is its
+# generated code, so the key is that code, its tensors' names and shapes, the inputs' specs and the node metadata
+# export carries over (`_program_key`); what compiles of the same model with the same options re-export.
+CACHE_NODES = 50_000
 _CAPTURES: "OrderedDict[tuple, tuple]" = OrderedDict()  # key -> (trace, model tensor names, orders)
 _CAPTURES_LOCK = threading.Lock()
 
@@ -159,8 +162,9 @@ def _cache_key(source: ModelSource, module: nn.Module, args: tuple, kwargs: dict
             getattr(config, "_attn_implementation", None), tensors, tied, modules)
 
 
-def _keep(key: tuple, ep: ExportedProgram) -> None:
-    """Keep `ep`'s trace without the model's tensors (its parameters and buffers: names are enough)."""
+def _keep(key: tuple, ep: ExportedProgram, own_meta: dict | None = None) -> None:
+    """Keep `ep`'s trace without the model's tensors (its parameters and buffers: names are enough). `own_meta`:
+    the graph module's metadata export wrote itself (a re-exported program's: the rest came from its module)."""
     sig = ep.graph_signature
     bound = frozenset((*sig.parameters, *sig.buffers))
     order = (tuple(ep.state_dict), tuple(ep.constants))  # a fresh export's order, which a rebound one keeps
@@ -168,7 +172,7 @@ def _keep(key: tuple, ep: ExportedProgram) -> None:
     fresh._state_dict = {}
     fresh._constants = {n: t for n, t in ep.constants.items() if n not in bound}
     with _CAPTURES_LOCK:  # compiles may run on several threads
-        _CAPTURES[key] = (fresh, bound, order)
+        _CAPTURES[key] = (fresh, bound, order, own_meta)
         nodes = 0
         for k in reversed(list(_CAPTURES)):
             nodes += len(_CAPTURES[k][0].graph.nodes)
@@ -179,7 +183,7 @@ def _keep(key: tuple, ep: ExportedProgram) -> None:
 def _rebind(held: tuple, module: nn.Module) -> ExportedProgram | None:
     """The kept trace with `module`'s own parameters and buffers (a decode wrapper's: a new KV cache), or None when
     `module` lacks one of them."""
-    ep, bound, (state_order, constant_order) = held
+    ep, bound, (state_order, constant_order), _ = held
     tables = {**dict(module.named_parameters(remove_duplicate=False)),
               **dict(module.named_buffers(remove_duplicate=False))}
     if not bound <= tables.keys():
@@ -325,8 +329,86 @@ def _trace(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, source:
 
 
 def export_again(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes=None) -> ExportedProgram:
-    """Export a rewritten program again. `aten._grouped_mm`'s fake kernel takes bfloat16 only, so float32 expert
-    matmuls are traced as transformers' fallback op (same arguments) and turned back into aten after."""
+    """Export a rewritten program again, or bind a kept export of the same program (`_program_key`: the same code,
+    tensor shapes, inputs and carried metadata) to `gm`'s tensors, with `gm`'s metadata."""
+    key = _program_key(gm, args, kwargs, dynamic_shapes)
+    with _CAPTURES_LOCK:
+        held = _CAPTURES.get(key) if key is not None else None
+        if held is not None:
+            _CAPTURES.move_to_end(key)
+    if held is not None:
+        ep = _rebind(held, gm)
+        if ep is not None:
+            ep._graph_module = copy.copy(held[0].graph_module)  # (a GraphModule of the same graph) for its own meta
+            ep._graph_module.meta = {**held[3], **gm.meta}  # as export sets it: its own keys, then the module's
+            return ep
+    ep = _export_again(gm, args, kwargs, dynamic_shapes)
+    if key is not None:
+        _keep(key, ep, {k: v for k, v in ep.graph_module.meta.items() if k not in gm.meta})
+    return ep
+
+
+_CARRIED = ("nn_module_stack", "custom", "stack_trace")  # node metadata export copies from the module it traces
+
+
+def _program_key(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes) -> tuple | None:
+    """What exporting `gm` depends on: its generated code (the graph and its input/output structure), its mode,
+    every parameter's and buffer's name, dtype, device and shape, the inputs' specs and dynamic shapes, and the
+    node metadata export carries over. None (not kept) when the graph reads a tensor attribute that is neither a
+    parameter nor a buffer (its value would be lifted as a constant of the trace) or calls a submodule other than
+    the input guards an unlifted program checks first (whose code is then part of the key)."""
+    tables = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    carried = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in tables and isinstance(getattr(gm, node.target, None),
+                                                                              torch.Tensor):
+            return None
+        if node.op == "call_module":
+            guards = _guards_code(getattr(gm, node.target, None))
+            if guards is None:
+                return None
+            carried.append(guards)
+        if node.op == "call_function":
+            carried.append(repr([node.meta.get(k) for k in _CARRIED]))
+
+    def spec(x):
+        if isinstance(x, torch.Tensor):
+            return "tensor", x.dtype, x.device.type, tuple(x.shape)
+        return "value", repr(x)
+
+    tensors = tuple((name, t.dtype, t.device.type, tuple(t.shape), isinstance(t, nn.Parameter), t.requires_grad)
+                    for name, t in tables.items())
+    tied = tuple(name for name, _ in gm.named_parameters(remove_duplicate=True))
+    inputs = (tuple(spec(a) for a in args), tuple((k, spec(v)) for k, v in sorted(kwargs.items())))
+    return ("export_again", gm.code, gm.training, tensors, tied, inputs, repr(dynamic_shapes), tuple(carried))
+
+
+def _guards_code(module) -> tuple | None:
+    """The code of the input-guard module `ExportedProgram.module()` gives an unlifted program (torch's `GuardsFn`:
+    a function, materialized from the guards' source, behind a wrapper): each function's bytecode, constants
+    (the guards' expressions and messages) and names. None for any other module, or when that function is not
+    found (another torch's layout: then the program is not kept)."""
+    if type(module).__name__ != "GuardsFn":
+        return None
+    found, todo, seen = [], [getattr(module, "forward", None)], set()
+    while todo:
+        fn = todo.pop()
+        code = getattr(fn, "__code__", None)
+        if code is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        found.append((fn.__name__, code.co_code, repr(code.co_consts), code.co_names))
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                todo.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+    return tuple(found) if any(name == "_" for name, *_ in found) else None
+
+
+def _export_again(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes=None) -> ExportedProgram:
+    """`torch.export` of a rewritten program. `aten._grouped_mm`'s fake kernel takes bfloat16 only, so float32
+    expert matmuls are traced as transformers' fallback op (same arguments) and turned back into aten after."""
     swapped = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.aten._grouped_mm.default
                and getattr(n.args[0].meta.get("val"), "dtype", torch.bfloat16) != torch.bfloat16]
     for node in swapped:

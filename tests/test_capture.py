@@ -120,3 +120,46 @@ def test_a_kept_trace_computes_with_the_next_models_own_tensors(monkeypatch):
     cap.clear_captures()
     with pytest.raises(AssertionError, match="exported again"):
         capture(b, seq=8)
+
+
+def test_a_rewritten_program_is_exported_once_and_bound_to_the_next_models_tensors(monkeypatch):
+    """A second compile of a model of the same architecture with the same options exports none of its programs
+    after the passes: it takes the first compile's exports, bound to its own (quantized) weights and caches and
+    carrying its own graph metadata, and equals a compile that exported afresh; a program that reads a tensor
+    attribute which is neither a parameter nor a buffer is never kept (its value would come from the trace)."""
+    import memopt.capture as cap
+    from memopt.pipeline import compile_model
+
+    a, b = _tiny_llamas(3, 4)
+    opts = dict(quantize="int8", offload=["model.layers.1"], kv="kivi:k4v4:g16:r16", seq=8, max_cache=48, passes=())
+    cap.clear_captures()
+    first = compile_model(a, **opts)
+    exports, real = [], cap._export_again
+    monkeypatch.setattr(cap, "_export_again", lambda *args, **kw: exports.append(1) or real(*args, **kw))
+    second = compile_model(b, **opts)
+    assert exports == []
+    cap.clear_captures()
+    fresh = compile_model(b, **opts)
+    assert len(exports) == 2  # the forward and generation programs, exported afresh
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want, other = second.module(ids), fresh.module(ids), first.module(ids)
+    assert torch.equal(got, want) and not torch.allclose(got, other)
+    assert torch.equal(second.module.generate(ids[:, :5], 6), fresh.module.generate(ids[:, :5], 6))
+    for name, ep in second.programs.items():
+        ref = fresh.programs[name]
+        assert list(ep.state_dict) == list(ref.state_dict) and list(ep.constants) == list(ref.constants)
+        assert all(torch.equal(t, ref.state_dict[k]) for k, t in ep.state_dict.items()), name
+        assert ep.graph_module is not first.programs[name].graph_module
+        assert ep.graph_module.meta.keys() == ref.graph_module.meta.keys()
+    meta = second.captured.exported.graph_module.meta["memopt_offload"]
+    assert meta == fresh.captured.exported.graph_module.meta["memopt_offload"] and meta["blocks"]
+
+    gm = capture(a, seq=8).module()
+    assert cap._program_key(gm, (ids,), {}, None) is not None
+    gm.scale = torch.ones(1)  # an attribute, not a buffer
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    with gm.graph.inserting_before(node), pytest.warns(UserWarning, match="no underlying reference"):
+        gm.graph.get_attr("scale")
+    gm.recompile()
+    assert cap._program_key(gm, (ids,), {}, None) is None

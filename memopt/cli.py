@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     # pipeline artifacts (compile --devices N / --target NxDEVICE -o DIR): one process per stage
     p.add_argument("--launch", action="store_true",
-                   help="a pipeline artifact: run it under torchrun, one process per stage (or launch it yourself: "
+                   help="a pipeline artifact: start one process per stage and run it (or launch them yourself: "
                         "torchrun --nproc-per-node N -m memopt run DIR)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="with --launch: processes to start (default and only choice: the artifact's stages)")
@@ -274,7 +274,7 @@ def cmd_compile_stages(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from memopt.serve.run import run_artifact
 
-    if args.launch:  # a pipeline artifact under torchrun (memopt.serve.distributed)
+    if args.launch:  # a pipeline artifact, one process per stage (memopt.serve.distributed)
         from memopt.serve.run import launch_artifact
 
         summary = launch_artifact(args.directory, nproc=args.nproc, prompt=args.prompt, inputs=args.inputs,

@@ -1,7 +1,7 @@
 """Run a pipeline artifact (`memopt.emit.stages`) on torch.distributed: one process per stage.
 
-    memopt run DIR --launch [--nproc N] [--prompt TEXT]          # spawns torchrun for you
-    torchrun --nproc-per-node N -m memopt run DIR [--prompt TEXT]  # or launch it yourself (rank 0 prints)
+    memopt run DIR --launch [--nproc N] [--prompt TEXT]          # starts the ranks for you
+    torchrun --nproc-per-node N -m memopt run DIR [--prompt TEXT]  # or launch them yourself (rank 0 prints)
 
 Rank r loads only stage r (`DIR/stage<r>`, a complete artifact whose files it alone hashes and reads) and
 moves it to its device (CPU: gloo; `--device cuda`: NCCL, `cuda:<local rank>`). The data path is plain
@@ -24,8 +24,11 @@ send/recv/collective waits with it, and a rank that dies breaks its peers' socke
 one line each: before any work every rank reports whether it loaded its stage (a missing or corrupt stage
 file, a stage that is not its rank's) and whether the job fits its stage (the KV cache's capacity); all
 ranks then raise the same `StageError` naming the rank at fault. A peer that dies or hangs mid-run is named
-by the rank that waited for it. `launch` runs torchrun with `--standalone` (a free port), waits, and turns
-the ranks' error files (or torchrun's summary of a rank killed by a signal) into one error.
+by the rank that waited for it. `launch` starts the ranks itself with the environment torchrun gives them
+(RANK, WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT, one intra-op thread each), as torchrun `--standalone`
+would but without its agent process (which took ~3 s of every launch: its own start and its teardown), waits,
+stops the others when one fails (as torchrun does), and turns the ranks' error files and exit codes (a rank
+killed by a signal) into one error.
 """
 
 from __future__ import annotations
@@ -340,8 +343,8 @@ def _test_fault(rank: int, step: int) -> None:
 def launch(directory, *, nproc: int | None = None, prompt: str | None = None, input_ids: torch.Tensor | None = None,
            forward_ids: torch.Tensor | None = None, max_new_tokens: int = 48, device: str = "cpu",
            timeout_s: float | None = None, key_file: str | None = None, env: dict | None = None) -> dict:
-    """Run the pipeline artifact `directory` under torchrun (one process per stage, `nproc` = the number of
-    stages) and return rank 0's result: "text" and "tokens" for a `prompt`, "tokens" (batch, n) for `input_ids`
+    """Run the pipeline artifact `directory` on `nproc` ranks (one process per stage, `nproc` = the number of
+    stages; see the module doc) and return rank 0's result: "text" and "tokens" for a `prompt`, "tokens" (batch, n) for `input_ids`
     (greedy, `max_new_tokens`), "logits" for `forward_ids` (batch, seq), plus "ranks": what each rank's stage
     held. `env`: extra environment for the ranks. Raises StageError (one line) when a rank fails."""
     from memopt.emit.artifact import load_plan
@@ -376,24 +379,69 @@ def launch(directory, *, nproc: int | None = None, prompt: str | None = None, in
         spec = {"prompt": prompt, "max_new_tokens": max_new_tokens, "device": device, "timeout_s": timeout_s,
                 "key_file": str(Path(key_file).resolve()) if key_file else None, "inputs": sorted(tensors)}
         (job / "job.json").write_text(json.dumps(spec))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-               "--nproc-per-node", str(nproc), "--max-restarts", "0", "--monitor-interval", "0.2",
-               "-m", "memopt.serve.distributed", str(directory.resolve()), str(job)]
-        with open(job / "torchrun.log", "wb") as log:
-            proc = subprocess.run(cmd, check=False, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, **(env or {})})
-        return _collect(job, nproc, proc.returncode)
+        ends = _spawn([sys.executable, "-m", "memopt.serve.distributed", str(directory.resolve()), str(job)], nproc,
+                      job, env or {})
+        return _collect(job, nproc, ends)
 
 
-def _collect(job: Path, nproc: int, returncode: int) -> dict:
-    """Rank 0's result, or one StageError from the ranks' error files and torchrun's summary."""
+STOP_GRACE_S = 0.5  # after a rank fails, how long the others get to stop on their own before they are stopped
+
+
+def _spawn(cmd: list[str], nproc: int, job: Path, env: dict) -> list[tuple[int, bool]]:
+    """Run `nproc` ranks of `cmd` with torchrun's environment for them (a free port on this host), each writing
+    its output to `job/rank<r>.log`, and wait for all. When one fails (a non-zero exit or a signal), the others
+    get `STOP_GRACE_S` to stop on their own (a dead peer breaks their sockets at once; a hung one does not) and
+    are then terminated (killed 5 s later). Returns each rank's (exit code, negative for a signal; whether this
+    launcher stopped it)."""
+    import socket
+
+    with socket.socket() as sock:  # a free port for rank 0's store (torchrun --standalone picks one the same way)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {**os.environ, **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
+    base.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it for several processes on one host
+    procs, logs, codes, stopped, failed_at = [], [], {}, set(), None
+    try:
+        for r in range(nproc):
+            logs.append(open(job / f"rank{r}.log", "wb"))
+            procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT,
+                                          env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}))
+        while len(codes) < nproc:
+            for r, proc in enumerate(procs):
+                if r not in codes and proc.poll() is not None:
+                    codes[r] = proc.returncode
+                    if proc.returncode and failed_at is None:
+                        failed_at = time.monotonic()
+            if failed_at is not None and time.monotonic() - failed_at > STOP_GRACE_S:
+                for r, proc in enumerate(procs):
+                    if r not in codes and r not in stopped:
+                        stopped.add(r)
+                        proc.terminate()
+                if time.monotonic() - failed_at > STOP_GRACE_S + 5:
+                    for r, proc in enumerate(procs):
+                        if r not in codes:
+                            proc.kill()
+            time.sleep(0.02)
+    finally:  # (an interrupted launcher leaves no rank behind)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for log in logs:
+            log.close()
+    return [(codes.get(r, procs[r].returncode), r in stopped) for r in range(nproc)]
+
+
+def _collect(job: Path, nproc: int, ends: list[tuple[int, bool]]) -> dict:
+    """Rank 0's result, or one StageError from the ranks' error files and exit codes (`_spawn`'s)."""
     errors = {}
     for r in range(nproc):
         p = job / f"error_rank{r}.txt"
         if p.is_file():
             errors[r] = p.read_text().strip()
     result = job / "result.json"
-    if returncode == 0 and result.is_file() and not errors:
+    if all(code == 0 for code, _ in ends) and result.is_file() and not errors:
         out = json.loads(result.read_text())
         tensors = job / "result.safetensors"
         if tensors.is_file():
@@ -403,8 +451,7 @@ def _collect(job: Path, nproc: int, returncode: int) -> dict:
         out["ranks"] = [json.loads((job / f"rank{r}.json").read_text()) for r in range(nproc)
                         if (job / f"rank{r}.json").is_file()]
         return out
-    log = (job / "torchrun.log").read_text(errors="replace") if (job / "torchrun.log").is_file() else ""
-    dead = _killed_rank(log)
+    dead = _killed_rank(ends)
     own = [m for r, m in sorted(errors.items()) if m.startswith(f"rank {r}:") and not _PEER_ERROR.search(m)]
     if own:
         raise StageError(own[0])
@@ -414,27 +461,25 @@ def _collect(job: Path, nproc: int, returncode: int) -> dict:
                          "; no process was left running")
     if errors:
         raise StageError(next(iter(errors.values())))
+    r = next((r for r, (code, _) in enumerate(ends) if code), 0)
+    log = (job / f"rank{r}.log").read_text(errors="replace") if (job / f"rank{r}.log").is_file() else ""
     tail = [line for line in log.strip().splitlines() if line.strip()][-3:]
-    raise StageError(f"torchrun exited with code {returncode} and no rank reported an error: "
+    raise StageError(f"rank {r} exited with code {ends[r][0]} and no rank reported an error: "
                      f"{' | '.join(tail)[:400] or 'no output'}")
 
 
 _PEER_ERROR = re.compile(r": (lost (rank \d+|another rank)|(rank \d+|another rank) did not answer) ")
 
 
-def _killed_rank(log: str) -> tuple[int, str] | None:
-    """The first failed rank in torchrun's failure summary and how it ended, when a signal ended it."""
-    m = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log, re.DOTALL)
-    if m is None:
-        return None
-    code = int(m.group(2))
-    if code >= 0:
-        return None
-    try:
-        how = f"killed by {signal.Signals(-code).name}"
-    except ValueError:
-        how = f"exit code {code}"
-    return int(m.group(1)), how
+def _killed_rank(ends: list[tuple[int, bool]]) -> tuple[int, str] | None:
+    """The first rank a signal ended that the launcher did not stop, and how it ended."""
+    for r, (code, stopped) in enumerate(ends):
+        if code is not None and code < 0 and not stopped:
+            try:
+                return r, f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return r, f"exit code {code}"
+    return None
 
 
 def _read_key(path: str | None) -> bytes | None:

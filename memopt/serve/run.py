@@ -123,7 +123,8 @@ def _pipeline_rank(directory: Path, plan, prompt, inputs, engine, max_new_tokens
 def launch_artifact(directory: str, *, nproc: int | None = None, prompt: str | None = None, inputs: str | None = None,
                     engine: str = "torch", max_new_tokens: int = 48, device: str = "cpu", key_file: str | None = None,
                     timeout_s: float | None = None) -> dict:
-    """`memopt run DIR --launch`: a pipeline artifact under torchrun, one process per stage; rank 0's summary."""
+    """`memopt run DIR --launch`: a pipeline artifact, one process per stage (`distributed.launch`); rank 0's
+    summary."""
     from memopt.serve.distributed import _read_key, launch
 
     directory_p = Path(directory)

@@ -231,6 +231,25 @@ def test_programs_read_as_torch_reads_them(good):
         assert _to_dataclass(schema.ExportedProgram, data) == _dict_to_dataclass(schema.ExportedProgram, data)
 
 
+def test_a_program_is_serialized_again_only_when_it_changed(good, monkeypatch):
+    """Saving a program again writes the JSON kept for its graph (torch's serializer is not called again), the
+    same bytes; a change to what the JSON is made from (here a node's kept metadata) serializes it again, as a
+    program never saved would be."""
+    from memopt.emit import program_io
+
+    ep = load(good[0]).programs["program"]
+    calls, real = [], program_io._program_json
+    monkeypatch.setattr(program_io, "_program_json", lambda p: calls.append(p) or real(p))
+    first = program_io.dump_program(ep, "program")
+    assert program_io.dump_program(ep, "program") == first and len(calls) == 1
+    node = next(n for n in ep.graph.nodes if n.op == "call_function")
+    node.meta["stack_trace"] = "changed"
+    changed = program_io.dump_program(ep, "program")
+    assert len(calls) == 2 and changed != first
+    program_io._DUMPED.clear()
+    assert program_io.dump_program(ep, "program") == changed and len(calls) == 3
+
+
 def test_kv_cache_zeros_are_not_stored(good):
     """Caches are all zeros when saved: stored as shapes, allocated when loaded."""
     from safetensors import safe_open

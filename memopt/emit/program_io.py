@@ -25,6 +25,7 @@ import io
 import json
 import re
 import threading
+import weakref
 import zipfile
 from typing import Any
 
@@ -82,10 +83,33 @@ class ProgramError(ValueError):
 
 # ---------------------------------------------------------------- writing
 _SERIALIZING = threading.Lock()
+# graph -> (what its JSON was made from, the JSON): programs of kept traces share their graph, and an artifact
+# saved again (a loaded one, several outputs) has the same programs; torch's serializer takes ~1 s per program
+# of a tiny model (most of it a deep copy of the whole serialized tree), this dictionary a few milliseconds
+_DUMPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def dump_program(ep, name: str) -> bytes:
-    """The zip bytes of `ep`'s graph and signature: no tensors, no sample inputs, no guards code."""
+    """The zip bytes of `ep`'s graph and signature: no tensors, no sample inputs, no guards code. The same
+    program gives the same bytes (entries dated 1980-01-01, as reproducible builds date them)."""
+    graph, made_from = ep.graph_module.graph, _json_inputs(ep)
+    held = _DUMPED.get(graph)
+    if held is not None and held[0] == made_from:
+        text = held[1]
+    else:
+        text = _program_json(ep)
+        _DUMPED[graph] = (made_from, text)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        for entry, data in ((f"models/{name}.json", text), ("archive_format", _ARCHIVE_FORMAT),
+                            ("archive_version", "1"), ("byteorder", "little")):
+            info = zipfile.ZipInfo(f"{name}/{entry}", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o600 << 16  # as writestr(name, ...) sets it
+            z.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
+    return buf.getvalue()
+
+
+def _program_json(ep) -> str:
     from torch._export.serde.serialize import serialize
 
     with _SERIALIZING:  # the fields are swapped on the shared program, and torch's serializer edits its graph
@@ -98,13 +122,23 @@ def dump_program(ep, name: str) -> bytes:
     program = json.loads(artifact.exported_program)
     for node in program["graph_module"]["graph"]["nodes"]:
         node["metadata"] = {k: v for k, v in node.get("metadata", {}).items() if k in _KEEP_META}
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as z:
-        z.writestr(f"{name}/models/{name}.json", json.dumps(program, separators=(",", ":")))
-        z.writestr(f"{name}/archive_format", _ARCHIVE_FORMAT)
-        z.writestr(f"{name}/archive_version", "1")
-        z.writestr(f"{name}/byteorder", "little")
-    return buf.getvalue()
+    return json.dumps(program, separators=(",", ":"))
+
+
+def _json_inputs(ep) -> tuple:
+    """Everything of `ep` its program JSON is made from: the graph's code, each node's value (dtype, shape,
+    strides) and kept metadata, the signature, shape constraints, module call graph and dialect."""
+    def value(v):
+        if isinstance(v, torch.Tensor):
+            return str(v.dtype), str(tuple(v.shape)), str(v.stride()), str(v.device)
+        if isinstance(v, (list, tuple)):
+            return tuple(value(x) for x in v)
+        return repr(v)
+
+    nodes = tuple((n.name, value(n.meta.get("val")), repr([n.meta.get(k) for k in _KEEP_META]))
+                  for n in ep.graph.nodes)
+    return (ep.graph_module.code, nodes, str(ep.graph_signature), repr(ep.range_constraints),
+            repr(ep.module_call_graph), ep.dialect, torch.__version__)
 
 
 # ---------------------------------------------------------------- reading

@@ -4,7 +4,8 @@
 
 Rows, each the median of `ROUNDS` interleaved repeats, `torch.set_num_threads(1)`:
 - compiling demo again (no passes; int8) with the kept traces cleared first (`memopt.capture.clear_captures`: the
-  programs are exported, as every compile did before) against with the traces kept (bound to the model's tensors);
+  programs are exported, as every compile did before) against with the traces kept (bound to the model's tensors;
+  since `export_again` keeps them too, the int8 programs exported after the quantize pass as well);
 - SmolLM2's GGUF tokenizer through transformers' AutoTokenizer (which parses the whole file again to derive a
   config) against `memopt.frontend.gguf.load_gguf_tokenizer` (the same tokenizer class built directly);
 - loading a saved demo artifact's two programs with torch's JSON reader (`_dict_to_dataclass`) against memopt's

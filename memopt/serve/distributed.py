@@ -472,7 +472,7 @@ _PEER_ERROR = re.compile(r": (lost (rank \d+|another rank)|(rank \d+|another ran
 
 
 def _killed_rank(ends: list[tuple[int, bool]]) -> tuple[int, str] | None:
-    """The first rank a signal ended that the launcher did not stop, and how it ended."""
+    """The lowest rank a signal ended that the launcher did not stop, and how it ended."""
     for r, (code, stopped) in enumerate(ends):
         if code is not None and code < 0 and not stopped:
             try:

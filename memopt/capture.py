@@ -114,18 +114,29 @@ def traced(source: ModelSource, module: nn.Module, args: tuple, kwargs: dict, dy
            export: Callable[[], ExportedProgram], *extra) -> ExportedProgram:
     """`export()` (the program of `module`, which wraps `source.model`, called with `args`/`kwargs`), or a kept trace
     of the same architecture and shapes bound to `module`'s tensors. `extra`: whatever else the trace depends on."""
-    key = _cache_key(source, module, args, kwargs, dynamic_shapes, extra)
+    return _kept_or_exported(_cache_key(source, module, args, kwargs, dynamic_shapes, extra), module, export)
+
+
+def _kept_or_exported(key: tuple | None, module: nn.Module, export: Callable[[], ExportedProgram]) -> ExportedProgram:
+    """The trace kept under `key` bound to `module`'s tensors, else `export()`, kept under `key` (None: not kept).
+    A GraphModule's metadata is what export copies onto the program's (after its own keys): a rebound program gets
+    `module`'s in a GraphModule of its own, over the kept program's own keys."""
     with _CAPTURES_LOCK:
         held = _CAPTURES.get(key) if key is not None else None
         if held is not None:
             _CAPTURES.move_to_end(key)
+    carries_meta = isinstance(module, torch.fx.GraphModule)
     if held is not None:
         ep = _rebind(held, module)
         if ep is not None:
+            if carries_meta:
+                ep._graph_module = copy.copy(held[0].graph_module)  # (a GraphModule of the same graph)
+                ep._graph_module.meta = {**held[3], **module.meta}
             return ep
     ep = export()
     if key is not None:
-        _keep(key, ep)
+        _keep(key, ep, {k: v for k, v in ep.graph_module.meta.items() if k not in module.meta} if carries_meta
+              else None)
     return ep
 
 
@@ -331,21 +342,8 @@ def _trace(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, source:
 def export_again(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes=None) -> ExportedProgram:
     """Export a rewritten program again, or bind a kept export of the same program (`_program_key`: the same code,
     tensor shapes, inputs and carried metadata) to `gm`'s tensors, with `gm`'s metadata."""
-    key = _program_key(gm, args, kwargs, dynamic_shapes)
-    with _CAPTURES_LOCK:
-        held = _CAPTURES.get(key) if key is not None else None
-        if held is not None:
-            _CAPTURES.move_to_end(key)
-    if held is not None:
-        ep = _rebind(held, gm)
-        if ep is not None:
-            ep._graph_module = copy.copy(held[0].graph_module)  # (a GraphModule of the same graph) for its own meta
-            ep._graph_module.meta = {**held[3], **gm.meta}  # as export sets it: its own keys, then the module's
-            return ep
-    ep = _export_again(gm, args, kwargs, dynamic_shapes)
-    if key is not None:
-        _keep(key, ep, {k: v for k, v in ep.graph_module.meta.items() if k not in gm.meta})
-    return ep
+    return _kept_or_exported(_program_key(gm, args, kwargs, dynamic_shapes), gm,
+                             lambda: _export_again(gm, args, kwargs, dynamic_shapes))
 
 
 _CARRIED = ("nn_module_stack", "custom", "stack_trace")  # node metadata export copies from the module it traces

@@ -9,9 +9,9 @@
              block and channel an fp16 scale and zero (heads, blocks, D): k = code * scale + zero;
      values  codes (heads, tokens, D * bits / 8), per token and group of D / G channels an fp16 scale and
              zero (heads, tokens, G).
-   Nothing is dequantized into memory: 16 codes at a time are unpacked into a vector register and the scales
-   and zeros are factored out of the products, so every product is a vector multiply-add of codes into
-   accumulators (no horizontal sums):
+   Nothing is dequantized into memory (but a pre-RoPE key block, into a scratch: key_logits_rope): 16 codes at a
+   time are unpacked into a vector register and the scales and zeros are factored out of the products, so every
+   product is a vector multiply-add of codes into accumulators (no horizontal sums):
      q . k_t  = sum_c (q_c s_bc) u_tc + sum_c q_c z_bc          (block b: per channel, an axpy over its tokens)
      sum_t p_t v_tc = sum_t (p_t s_tj) u_tc + sum_t p_t z_tj    (token t: per group j, an axpy over its channels)
    Accumulators are kept in plane order (plane i: the elements i, i + per, ...) and put in order once at the end.

@@ -25,6 +25,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from memopt.frontend.sources import ModelSource
+from memopt.frontend.weights import refuse_real_inputs
 
 
 class CaptureError(RuntimeError):
@@ -143,6 +144,12 @@ def _kept_or_exported(key: tuple | None, module: nn.Module, export: Callable[[],
 _PLAIN = (bool, int, float, str, type(None))
 
 
+# Forward hooks that never change what a trace records, left out of `_cache_key`: a streamed model's refusal to run
+# on real inputs (it only raises, and never on a trace's fake inputs). A streamed model and the same model loaded
+# trace to the same graph, node for node (its fake parameters say "cpu"), so either one's trace serves the other.
+_TRACE_NEUTRAL_HOOKS = frozenset({refuse_real_inputs})
+
+
 def _cache_key(source: ModelSource, module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, extra: tuple):
     config = source.config
     if source.fixed_inputs is not None or not hasattr(config, "to_json_string"):
@@ -159,7 +166,7 @@ def _cache_key(source: ModelSource, module: nn.Module, args: tuple, kwargs: dict
 
     def described(m: nn.Module) -> tuple:  # its class, mode, hooks and plain attributes (a forward may read them)
         hooks = tuple(getattr(f, "__qualname__", repr(f)) for table in (m._forward_pre_hooks, m._forward_hooks)
-                      for f in table.values())
+                      for f in table.values() if f not in _TRACE_NEUTRAL_HOOKS)
         plain = tuple(sorted((k, v) for k, v in vars(m).items() if isinstance(v, _PLAIN)))
         return type(m).__module__, type(m).__qualname__, hooks, plain
 
@@ -169,7 +176,7 @@ def _cache_key(source: ModelSource, module: nn.Module, args: tuple, kwargs: dict
                                     *module.named_buffers(remove_duplicate=False)))
     tied = tuple(name for name, _ in module.named_parameters(remove_duplicate=True))
     modules = tuple((name, described(m)) for name, m in module.named_modules(remove_duplicate=False))
-    return (extra, inputs, repr(dynamic_shapes), source.family, source.weights is not None, config_json,
+    return (extra, inputs, repr(dynamic_shapes), source.family, config_json,
             getattr(config, "_attn_implementation", None), tensors, tied, modules)
 
 

@@ -1,15 +1,20 @@
 """Calibration: run a GraphModule on example inputs and record what each linear sees.
 
-An `torch.fx.Interpreter` watches chosen `aten.linear` nodes and accumulates, per node, the input
-statistics that weight quantizers need: mean |x| per input channel (AWQ-style saliency), optionally
+Chosen `aten.linear` nodes are watched, and per node the input statistics that weight quantizers need are
+accumulated: mean |x| per input channel (AWQ-style saliency), optionally
 the Gram matrix X^T X (the GPTQ Hessian up to a factor) and a sample of input rows (for per-layer
 error measurements). Shapes: x `[rows, K]` after flattening the leading dimensions. When the inputs
 carry token masks (`memopt.frontend.calibration.CalibrationSet.masks`, bool `[batch, seq]`), an activation whose
 leading dimensions are `[batch, seq]` keeps only the masked-in rows: padding does not count.
+
+The graph is run as its own generated code with a tap before each watched linear (added for the run, removed
+after), not node by node through a `torch.fx.Interpreter`, whose per-node Python was a quarter of a calibration
+(MiniLM on the bundled text, 146 sentences, one thread: 2.60 s -> 2.00 s; with the Gram matrices 4.75 s -> 4.25 s).
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -56,19 +61,17 @@ class LinearStats:
         return torch.cat(self.samples) if self.samples else torch.empty(0)
 
 
-class _Recorder(torch.fx.Interpreter):
-    def __init__(self, gm, watch: dict[str, LinearStats], gram: bool, max_sample_rows: int):
-        super().__init__(gm, garbage_collect_values=True)
+class _Recorder:
+    def __init__(self, watch: dict[str, LinearStats], gram: bool, max_sample_rows: int):
         self.watch, self.gram, self.max_rows = watch, gram, max_sample_rows
         self.mask: Tensor | None = None  # token mask of the current input
 
-    def run_node(self, n):
-        if n.name in self.watch:
-            x = self.env[n.args[0]].detach()
-            if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape):
-                x = x[self.mask]
-            self._record(self.watch[n.name], x.reshape(-1, x.shape[-1]))
-        return super().run_node(n)
+    def see(self, x: Tensor, name: str) -> None:
+        """The input `x` of watched linear `name`, as the graph computed it."""
+        x = x.detach()
+        if self.mask is not None and tuple(x.shape[:-1]) == tuple(self.mask.shape):
+            x = x[self.mask]
+        self._record(self.watch[name], x.reshape(-1, x.shape[-1]))
 
     def _record(self, st: LinearStats, x: Tensor) -> None:
         xd = x.double()
@@ -81,6 +84,28 @@ class _Recorder(torch.fx.Interpreter):
         if kept < self.max_rows:
             st.samples.append(x[: self.max_rows - kept].float().clone())
         st.rows += x.shape[0]
+
+
+@contextmanager
+def _tapped(gm: torch.fx.GraphModule, names: Sequence[str], recorder: _Recorder):
+    """`gm` with a call of `recorder.see(x, name)` before each watched linear `name` (x: its input), for the
+    duration of the block; the graph and its code are as before afterwards, whatever happened inside."""
+    def memopt_calibration_tap(x: Tensor, name: str) -> None:
+        recorder.see(x, name)
+
+    wanted = set(names)
+    taps = []
+    try:
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.name in wanted:
+                with gm.graph.inserting_before(node):
+                    taps.append(gm.graph.call_function(memopt_calibration_tap, (node.args[0], node.name)))
+        gm.recompile()
+        yield
+    finally:
+        for tap in taps:
+            gm.graph.erase_node(tap)
+        gm.recompile()
 
 
 def linear_nodes(gm) -> list:
@@ -96,15 +121,15 @@ def record_linear_inputs(gm, inputs: Iterable[Sequence], nodes: Iterable[str] | 
     """
     names = [n.name for n in linear_nodes(gm)] if nodes is None else list(nodes)
     watch = {name: LinearStats() for name in names}
-    rec = _Recorder(gm, watch, gram, max_sample_rows)
+    rec = _Recorder(watch, gram, max_sample_rows)
     ran = False
     masks = getattr(inputs, "masks", None)
-    with torch.no_grad():
+    with torch.no_grad(), _tapped(gm, names, rec):
         for i, args in enumerate(inputs):
             rec.mask = masks[i] if masks is not None else None
             flat = pytree.tree_flatten((tuple(args), {}))[0]
             try:
-                rec.run(*flat)
+                gm.forward(*flat)  # its code, as an Interpreter runs it: the flat inputs, no module hooks
             except AssertionError as e:  # the exported program's shape guards
                 shapes = [tuple(a.shape) for a in flat if isinstance(a, Tensor)]
                 raise ValueError(f"calibration input with shapes {shapes} is rejected by the graph's guards "

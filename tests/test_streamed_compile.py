@@ -151,6 +151,30 @@ def test_streamed_compile_equals_the_loaded_models(tiny_gguf, quantize):
     _same_compile(eager, streamed)
 
 
+def test_a_streamed_compile_takes_the_loaded_models_traces(tiny_gguf, monkeypatch):
+    """A model streamed and the same model loaded trace to the same programs: a streamed compile after the loaded
+    model's traces neither of its programs again (the kept traces, bound to its fake parameters) and equals a
+    streamed compile that traced afresh, code and tensors."""
+    import memopt.capture as cap
+
+    kw = dict(quantize="int8", seq=16)
+    cap.clear_captures()
+    eager = compile_model(resolve_source(tiny_gguf), **kw)
+    traces, trace = [], cap._export
+    monkeypatch.setattr(cap, "_export", lambda *args, **kwargs: traces.append(1) or trace(*args, **kwargs))
+    streamed = compile_model(tiny_gguf, **kw)
+    assert traces == []
+    _same_compile(eager, streamed)
+    cap.clear_captures()
+    fresh = compile_model(tiny_gguf, **kw)
+    assert len(traces) == 2  # the forward and generation programs, traced afresh
+    for name, ep in streamed.programs.items():
+        ref = fresh.programs[name]
+        assert ep.graph_module.code == ref.graph_module.code, name
+        assert list(ep.state_dict) == list(ref.state_dict) and list(ep.constants) == list(ref.constants)
+        assert all(torch.equal(t, ref.state_dict[k]) for k, t in ep.state_dict.items()), name
+
+
 @SLOW
 def test_streamed_compile_with_the_stages_after_quantize(tiny_gguf):
     """Offload and KV compression read the weights the weights stage bound."""

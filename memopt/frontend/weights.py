@@ -156,7 +156,7 @@ def stream_parameters(model: nn.Module, provider: WeightProvider) -> str | None:
 
     _replace_parameters(model, found, fake)
     _load_buffers(model, provider)
-    model.register_forward_pre_hook(_refuse_real_inputs, with_kwargs=True)
+    model.register_forward_pre_hook(refuse_real_inputs, with_kwargs=True)
     return None
 
 
@@ -212,7 +212,7 @@ def _load_buffers(model: nn.Module, provider: WeightProvider) -> None:
             model.get_submodule(owner)._buffers[leaf] = provider.read(name, b.dtype)
 
 
-def _refuse_real_inputs(module, args, kwargs):
+def refuse_real_inputs(module, args, kwargs):
     """A streamed model is traced, never run: its parameters have no values."""
     from torch._subclasses.fake_tensor import is_fake
 

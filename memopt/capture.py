@@ -26,6 +26,7 @@ from torch.export import Dim, ExportedProgram
 
 from memopt.frontend.sources import ModelSource
 from memopt.frontend.weights import refuse_real_inputs
+from memopt.lift import lift
 
 
 class CaptureError(RuntimeError):
@@ -346,9 +347,17 @@ def _trace(module: nn.Module, args: tuple, kwargs: dict, dynamic_shapes, source:
             raise CaptureError(_explain(exc, module, source)) from exc
 
 
-def export_again(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes=None) -> ExportedProgram:
-    """Export a rewritten program again, or bind a kept export of the same program (`_program_key`: the same code,
-    tensor shapes, inputs and carried metadata) to `gm`'s tensors, with `gm`'s metadata."""
+def export_again(gm: torch.fx.GraphModule, args: tuple, kwargs: dict, dynamic_shapes=None,
+                 like: ExportedProgram | None = None) -> ExportedProgram:
+    """A rewritten program as an ExportedProgram. `like`: the program `gm` was rewritten from (`gm` began as
+    `like.module()`): `gm` is lifted back without tracing (`memopt.lift`: its graph, tensors lifted to inputs, only
+    the nodes the passes added or changed given new fake values) where it can be. Else exported again, or a kept
+    export of the same program (`_program_key`: the same code, tensor shapes, inputs and carried metadata) bound to
+    `gm`'s tensors, with `gm`'s metadata."""
+    if like is not None:
+        ep = lift(gm, like)
+        if ep is not None:
+            return ep
     return _kept_or_exported(_program_key(gm, args, kwargs, dynamic_shapes), gm,
                              lambda: _export_again(gm, args, kwargs, dynamic_shapes))
 

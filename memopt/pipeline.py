@@ -91,10 +91,11 @@ class Program:
 
 
 def _recapture(gm: torch.fx.GraphModule, captured: Captured) -> Captured:
-    """Export a rewritten GraphModule again, so the analysis sees its real tensors and new ops."""
+    """A rewritten GraphModule as a program again (lifted back, or exported), so the analysis sees its real tensors
+    and new ops."""
     import memopt.runtime  # noqa: F401  (the custom ops' fake kernels)
 
-    ep = export_again(gm, captured.example_inputs, captured.example_kwargs, captured.dynamic_shapes)
+    ep = export_again(gm, captured.example_inputs, captured.example_kwargs, captured.dynamic_shapes, captured.exported)
     return Captured(ep, captured.phase, captured.source, captured.example_inputs, captured.example_kwargs,
                     captured.batch, captured.seq, captured.cache_len, captured.dynamic, captured.notes,
                     captured.dynamic_shapes)

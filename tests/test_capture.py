@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -126,10 +128,12 @@ def test_a_rewritten_program_is_exported_once_and_bound_to_the_next_models_tenso
     """A second compile of a model of the same architecture with the same options exports none of its programs
     after the passes: it takes the first compile's exports, bound to its own (quantized) weights and caches and
     carrying its own graph metadata, and equals a compile that exported afresh; a program that reads a tensor
-    attribute which is neither a parameter nor a buffer is never kept (its value would come from the trace)."""
+    attribute which is neither a parameter nor a buffer is never kept (its value would come from the trace).
+    (Programs that `memopt.lift` cannot lift back are the ones exported again: lifting is turned off here.)"""
     import memopt.capture as cap
     from memopt.pipeline import compile_model
 
+    monkeypatch.setattr(cap, "lift", lambda gm, like: None)
     a, b = _tiny_llamas(3, 4)
     opts = dict(quantize="int8", offload=["model.layers.1"], kv="kivi:k4v4:g16:r16", seq=8, max_cache=48, passes=())
     cap.clear_captures()
@@ -163,3 +167,101 @@ def test_a_rewritten_program_is_exported_once_and_bound_to_the_next_models_tenso
         gm.graph.get_attr("scale")
     gm.recompile()
     assert cap._program_key(gm, (ids,), {}, None) is None
+
+
+LIFT_CASES = {
+    "int8": dict(quantize="int8"),
+    "int4+kivi+arena": dict(quantize="int4:g32", kv="kivi:k4v4:g16:r16", passes=("arena",)),
+    "int8+offload+kv-offload+kivi": dict(quantize="int8", offload=["model.layers.1"], offload_kv=[0],
+                                         kv="kivi:4:g16:r16"),
+}
+
+
+def _aliased(node) -> tuple:
+    """Which of a node's tensor inputs its fake value shares storage with (a view's base, an in-place op's target):
+    what memory planning reads from the values."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def storages(val):
+        return {StorageWeakRef(t.untyped_storage()) for t in torch.utils._pytree.tree_leaves(val)
+                if isinstance(t, torch.Tensor)}
+
+    out = storages(node.meta.get("val"))
+    return tuple(bool(out & storages(i.meta.get("val"))) for i in node.all_input_nodes)
+
+
+def _described(val) -> str:
+    if isinstance(val, torch.Tensor):
+        return f"{tuple(val.shape)} {tuple(val.stride())} {val.dtype}"
+    if isinstance(val, (tuple, list)):
+        return str([_described(v) for v in val])
+    return str(val)
+
+
+@pytest.mark.parametrize("opts", LIFT_CASES.values(), ids=LIFT_CASES.keys())
+def test_a_lifted_program_is_the_one_export_traces(monkeypatch, opts):
+    """`memopt.lift` gives a rewritten program as torch.export gives it: the same signature (kinds, placeholder
+    names, targets, persistence) and placeholder values, the same ops each with the same fake value (shape, stride,
+    dtype) sharing storage with the same inputs (counted per op and value: export may hoist a size read among
+    independent nodes, and names the nodes it traces its own way), the same state and constants, the same graph
+    metadata, the same logits and tokens."""
+    from collections import Counter
+
+    import memopt.capture as cap
+    from memopt.lift import _same_meta
+    from memopt.pipeline import compile_model
+
+    a, = _tiny_llamas(7)
+    kw = dict(seq=8, max_cache=48, **opts)
+    lifted = compile_model(a, **kw)
+    cap.clear_captures()
+    monkeypatch.setattr(cap, "lift", lambda gm, like: None)  # what export gives
+    exported = compile_model(a, **kw)
+    for name, ep in lifted.programs.items():
+        ref = exported.programs[name]
+        spec = lambda s: (s.kind, s.arg.name, s.target, s.persistent)  # noqa: E731
+        assert [spec(s) for s in ep.graph_signature.input_specs] == [spec(s) for s in ref.graph_signature.input_specs]
+        assert [s.kind for s in ep.graph_signature.output_specs] == [s.kind for s in ref.graph_signature.output_specs]
+        ops = lambda p: Counter((str(n.target), _described(n.meta.get("val")), _aliased(n))  # noqa: E731
+                                for n in p.graph.nodes if n.op == "call_function")
+        assert ops(ep) == ops(ref) and len(ep.graph.nodes) == len(ref.graph.nodes), name
+        theirs = {n.name: n.meta["val"] for n in ref.graph.nodes if n.op == "placeholder"}
+        assert all(_same_meta(n.meta["val"], theirs[n.name]) for n in ep.graph.find_nodes(op="placeholder")), name
+        assert list(ep.state_dict) == list(ref.state_dict) and list(ep.constants) == list(ref.constants)
+        for key, t in ep.state_dict.items():  # (an offloaded block's alignment padding is uninitialized memory)
+            want = ref.state_dict[key]
+            assert t.shape == want.shape if "offload_host" in key else torch.equal(t, want)
+        assert ep.graph_module.meta.keys() == ref.graph_module.meta.keys()
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lifted.module(ids), exported.module(ids))
+    assert torch.equal(lifted.module.generate(ids[:, :5], 6), exported.module.generate(ids[:, :5], 6))
+
+
+def test_a_module_that_cannot_be_lifted_is_exported():
+    """A graph calling a Python function (not an op overload) or reading a plain tensor attribute is not lifted
+    (`lift` -> None); `export_again` then traces it, and the program computes what the module does."""
+    from memopt.capture import export_again
+    from memopt.lift import lift
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(3, 8)
+    ep = torch.export.export(model, (x,))
+    gm = ep.module()
+    assert lift(gm, ep) is not None
+    relu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default)
+    relu.target = torch.relu
+    gm.recompile()
+    assert lift(gm, ep) is None
+    again = export_again(gm, (x,), {}, None, ep)
+    assert torch.ops.aten.relu.default in {n.target for n in again.graph.nodes}
+    torch.testing.assert_close(again.module()(x), model(x))
+    relu.target = torch.ops.aten.relu.default
+    gm.plain = torch.ones(4)  # a tensor attribute, neither parameter nor buffer
+    out = gm.graph.output_node()
+    with gm.graph.inserting_before(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fx: "a get_attr Node with no underlying reference" (not a buffer)
+        added = gm.graph.call_function(torch.ops.aten.add.Tensor, (out.args[0][0], gm.graph.get_attr("plain")))
+    out.args = ((added,),)
+    gm.recompile()
+    assert lift(gm, ep) is None

@@ -130,26 +130,34 @@ def test_no_import_cycles():
 
 
 def test_each_program_is_exported_once_after_its_passes(monkeypatch):
-    """Quantize + offload + KV offload + KV compression: each program is exported when captured and once
-    more after all its rewrite passes (the passes hand GraphModules to each other), not once per pass; the
-    Plan still says what the programs hold."""
+    """Quantize + offload + KV offload + KV compression: each program is exported once, when captured, and
+    made a program again once after all its rewrite passes (the passes hand GraphModules to each other), not
+    once per pass: lifted back without tracing (`memopt.lift`); the Plan still says what the programs hold."""
     import torch
 
+    import memopt.capture as cap
     from memopt.capture import clear_captures
     from memopt.pipeline import compile_model
 
     clear_captures()  # an earlier test's trace of demo would otherwise be reused (no capture export at all)
-    exported = []
-    real = torch.export.export
+    exported, lifted = [], []
+    real, real_lift = torch.export.export, cap.lift
 
     def counting(module, *args, **kwargs):
         exported.append(type(module).__name__)
         return real(module, *args, **kwargs)
 
+    def lifting(gm, like):
+        ep = real_lift(gm, like)
+        lifted.append(ep is not None)
+        return ep
+
     monkeypatch.setattr(torch.export, "export", counting)
+    monkeypatch.setattr(cap, "lift", lifting)
     result = compile_model("demo", seq=32, quantize="int8", offload=["model.layers.1"], offload_kv=[0], kv="kivi:4")
     assert result.plan.passes == ("quantize", "offload", "kv_offload", "kv", "arena")
-    assert len(exported) == 4, exported  # capture: forward + generation; again after the passes: one each
+    assert exported == ["CausalLMLogits", "StaticCacheDecoder"]  # capture: the forward and generation programs
+    assert lifted == [True, True]  # after the passes: each program lifted back once, none traced again
     rows = {d.name: d for d in result.plan.decisions}
     assert rows["model.model.layers.1"].placement == "host"
     assert rows["model.model.layers.0"].kv_placement == "host"

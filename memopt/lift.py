@@ -150,14 +150,18 @@ def _val(new: torch.fx.Node, before: torch.fx.Node | None, fake) -> bool:
                 new.meta["val"] = before.meta["val"]
                 return True
     args, kwargs = torch.fx.node.map_arg((new.args, new.kwargs), lambda n: n.meta["val"])
-    shape_env = fake.shape_env
-    pending = len(getattr(shape_env, "pending_fresh_unbacked_symbols", ()) or ()) if shape_env else 0
+    pending = _unbacked(fake)
     with fake:
         value = new.target(*args, **kwargs)
-    if shape_env is not None and len(getattr(shape_env, "pending_fresh_unbacked_symbols", ()) or ()) > pending:
+    if _unbacked(fake) > pending:
         return False
     new.meta["val"] = value
     return True
+
+
+def _unbacked(fake) -> int:
+    """How many data-dependent sizes the fake mode's shape environment has made and not bound yet."""
+    return len(getattr(fake.shape_env, "pending_fresh_unbacked_symbols", None) or ())
 
 
 def _input_pairs(new: torch.fx.Node, before: torch.fx.Node) -> list | None:

@@ -344,9 +344,10 @@ def launch(directory, *, nproc: int | None = None, prompt: str | None = None, in
            forward_ids: torch.Tensor | None = None, max_new_tokens: int = 48, device: str = "cpu",
            timeout_s: float | None = None, key_file: str | None = None, env: dict | None = None) -> dict:
     """Run the pipeline artifact `directory` on `nproc` ranks (one process per stage, `nproc` = the number of
-    stages; see the module doc) and return rank 0's result: "text" and "tokens" for a `prompt`, "tokens" (batch, n) for `input_ids`
-    (greedy, `max_new_tokens`), "logits" for `forward_ids` (batch, seq), plus "ranks": what each rank's stage
-    held. `env`: extra environment for the ranks. Raises StageError (one line) when a rank fails."""
+    stages; see the module doc) and return rank 0's result: "text" and "tokens" for a `prompt`, "tokens"
+    (batch, n) for `input_ids` (greedy, `max_new_tokens`), "logits" for `forward_ids` (batch, seq), plus
+    "ranks": what each rank's stage held. `env`: extra environment for the ranks. Raises StageError (one line)
+    when a rank fails."""
     from memopt.emit.artifact import load_plan
     from memopt.emit.stages import stage_records
 

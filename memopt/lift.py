@@ -119,6 +119,58 @@ def _lift(gm: torch.fx.GraphModule, like: ExportedProgram, info, params: dict, b
     return ep
 
 
+def adopt(gm: torch.fx.GraphModule, ep: ExportedProgram) -> bool:
+    """Let `gm` stand for `ep.module()` (the GraphModule `ep` was lifted or exported from, saving its unlifting:
+    a copy of the graph and its code generated again): when `ep`'s graph is `gm`'s node for node (the same names,
+    ops and arguments; each `get_attr` a placeholder of the same tensor), `gm`'s nodes take `ep`'s fake values, as
+    unlifting gives them, and True; else False and `gm` is left as it was."""
+    theirs = {n.name: n for n in ep.graph.nodes}
+    sig = ep.graph_signature
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    by_tensor = {id(ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]): theirs[name]
+                 for name, fqn in names.items()}
+    tables = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
+    match: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            other = by_tensor.get(id(tables.get(node.target)))
+        elif node.op in ("placeholder", "call_function"):
+            other = theirs.get(node.name)
+            if other is None or other.op != node.op or other.target != node.target:
+                return False
+            try:
+                same = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: ("node", match.get(n))) == \
+                    torch.fx.node.map_arg((other.args, other.kwargs), lambda n: ("node", n))
+            except Exception:  # a value without a plain equality
+                same = False
+            if not same:
+                return False
+        else:
+            continue
+        if other is None or "val" not in other.meta:
+            return False
+        match[node] = other
+    outs = gm.graph.output_node().args[0]
+    outs = list(outs) if isinstance(outs, (list, tuple)) else [outs]
+    if [match.get(o, o) if isinstance(o, torch.fx.Node) else o for o in outs] != list(ep.graph.output_node().args[0]):
+        return False
+    if len(match) != sum(1 for n in ep.graph.nodes if n.op in ("placeholder", "call_function")
+                         and not (n.op == "placeholder" and n.name in names)) + \
+            sum(1 for n in gm.graph.nodes if n.op == "get_attr"):
+        return False
+    for node, other in match.items():
+        node.meta["val"] = other.meta["val"]
+        for key in _DROPPED_META:
+            node.meta.pop(key, None)
+    guards = gm.graph.find_nodes(op="call_module", target="_guards_fn")
+    for node in guards:  # a lifted program has no guards code: its module checks inputs by its pre-hook only
+        gm.graph.erase_node(node)
+    if guards:
+        delattr(gm, "_guards_fn")
+        gm.recompile()
+    return True
+
+
 def _liftable(gm: torch.fx.GraphModule, params: dict, buffers: dict) -> bool:
     for node in gm.graph.nodes:
         if node.op == "call_function" and not (isinstance(node.target, (torch._ops.OpOverload,
@@ -206,4 +258,4 @@ def _same_meta(val, t) -> bool:
     return type(val) is type(t) and str(val) == str(t)
 
 
-__all__ = ["lift"]
+__all__ = ["adopt", "lift"]

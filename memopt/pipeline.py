@@ -23,6 +23,7 @@ from torch import nn
 
 from memopt.analysis.accounting import Analysis, analyze
 from memopt.capture import Captured, CaptureError, capture, export_again
+from memopt.lift import adopt
 from memopt.frontend.checks import check_source, generation_cache_tokens
 from memopt.config import KNOWN_PASSES, CompileConfig, resolve_passes  # noqa: F401  (KNOWN_PASSES: re-exported)
 from memopt.emit.module import OptimizedModule
@@ -86,7 +87,8 @@ class Program:
     @property
     def captured(self) -> Captured:
         if self.rewritten:
-            self._captured, self._gm, self.rewritten = _recapture(self._gm, self._captured), None, False
+            gm, self._captured, self.rewritten = self._gm, _recapture(self._gm, self._captured), False
+            self._gm = gm if adopt(gm, self._captured.exported) else None  # what its module() would be
         return self._captured
 
 
@@ -631,7 +633,7 @@ def finish(st: CompileState) -> CompileResult:
     from memopt.emit.plan_check import check_plan
 
     gen = st.gen.captured if st.gen is not None else None
-    generator = gen.module() if gen is not None else None
+    generator = st.gen.module() if gen is not None else None
     if generator is not None and st.kv_meta is not None:
         generator.meta["memopt_kv"] = st.kv_meta
     check_plan(st.plan, {"program": st.gm, "generate": generator})  # the plan says what the programs do

@@ -178,9 +178,17 @@ def two_stages(llama, tmp_path_factory):
 
 
 def _no_rank_left(directory) -> None:
+    """No process runs `directory` (a rank started by torchrun or by hand names it), and no rank forked from this
+    process's rank server (`launch`'s: its ranks show the server's command line) is still alive."""
     import psutil
 
     left = [p for p in psutil.process_iter(["cmdline"]) if str(directory) in " ".join(p.info["cmdline"] or [])]
+    for child in psutil.Process().children():
+        try:
+            if "forkserver" in " ".join(child.cmdline()):
+                left += [p for p in child.children(recursive=True) if p.status() != psutil.STATUS_ZOMBIE]
+        except psutil.NoSuchProcess:
+            pass
     assert not left, f"processes left running: {[p.pid for p in left]}"
 
 

@@ -250,6 +250,39 @@ def test_a_program_is_serialized_again_only_when_it_changed(good, monkeypatch):
     assert program_io.dump_program(ep, "program") == changed and len(calls) == 3
 
 
+def test_a_program_is_serialized_as_torch_serializes_it(good):
+    """The program JSON skips torch's serializer's self-test (canonicalizing a deep copy of what it wrote, then
+    dropping the copy): the same JSON as with it, and torch's `canonicalize` still canonicalizes for anyone else."""
+    from torch._export.serde import serialize as serde
+
+    from memopt.emit import program_io
+
+    ep = load(good[0]).programs["generate"]
+    calls, real = [], serde.canonicalize
+
+    def counting(program, constants=None):
+        calls.append(1)
+        return real(program, constants)
+
+    try:
+        serde.canonicalize = counting
+        mine = program_io._program_json(ep)
+        assert calls == [] and serde.canonicalize is counting  # skipped, and put back
+        saved = ep._guards_code, ep._example_inputs
+        ep._guards_code, ep._example_inputs = [], None
+        try:
+            theirs = serde.serialize(ep, serialize_state_dict=False, serialize_constants=False)
+        finally:
+            ep._guards_code, ep._example_inputs = saved
+        assert calls == [1]  # torch's own call checked its canonical form
+    finally:
+        serde.canonicalize = real
+    program = json.loads(theirs.exported_program)
+    for node in program["graph_module"]["graph"]["nodes"]:
+        node["metadata"] = {k: v for k, v in node.get("metadata", {}).items() if k in program_io._KEEP_META}
+    assert mine == json.dumps(program, separators=(",", ":"))
+
+
 def test_kv_cache_zeros_are_not_stored(good):
     """Caches are all zeros when saved: stored as shapes, allocated when loaded."""
     from safetensors import safe_open

@@ -28,18 +28,21 @@ by the rank that waited for it. `launch` starts the ranks itself with the enviro
 (RANK, WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT, one intra-op thread each), as torchrun `--standalone`
 would but without its agent process (which took ~3 s of every launch: its own start and its teardown), waits,
 stops the others when one fails (as torchrun does), and turns the ranks' error files and exit codes (a rank
-killed by a signal) into one error.
+killed by a signal) into one error. Each rank is a process of its own, forked from a rank server that has
+imported what a rank needs (`RANK_PRELOAD`, ~3 s a process) once, on the first launch, and serves the launches
+after it from the same process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -380,20 +383,73 @@ def launch(directory, *, nproc: int | None = None, prompt: str | None = None, in
         spec = {"prompt": prompt, "max_new_tokens": max_new_tokens, "device": device, "timeout_s": timeout_s,
                 "key_file": str(Path(key_file).resolve()) if key_file else None, "inputs": sorted(tensors)}
         (job / "job.json").write_text(json.dumps(spec))
-        ends = _spawn([sys.executable, "-m", "memopt.serve.distributed", str(directory.resolve()), str(job)], nproc,
-                      job, env or {})
+        ends = _spawn(str(directory.resolve()), nproc, job, env or {})
         return _collect(job, nproc, ends)
 
 
 STOP_GRACE_S = 0.5  # after a rank fails, how long the others get to stop on their own before they are stopped
 
 
-def _spawn(cmd: list[str], nproc: int, job: Path, env: dict) -> list[tuple[int, bool]]:
-    """Run `nproc` ranks of `cmd` with torchrun's environment for them (a free port on this host), each writing
-    its output to `job/rank<r>.log`, and wait for all. When one fails (a non-zero exit or a signal), the others
-    get `STOP_GRACE_S` to stop on their own (a dead peer breaks their sockets at once; a hung one does not) and
-    are then terminated (killed 5 s later). Returns each rank's (exit code, negative for a signal; whether this
-    launcher stopped it)."""
+# What a rank imports before it reads its stage (~3 s: torch, its distributed package, the program deserializer,
+# memopt's ops): the rank server imports it once, and each rank is forked from it ready (`_spawn`).
+RANK_PRELOAD = ("memopt.serve.distributed", "memopt.emit.artifact", "memopt.runtime", "torch._export.serde.serialize")
+_SERVER_LOCK = threading.Lock()
+
+
+def _rank_context():
+    """The multiprocessing context ranks start from: a fork server (a clean process that has imported
+    `RANK_PRELOAD` and runs nothing else, so forking it is safe), started by the first launch of this process and
+    kept for the next; "spawn" where there is no fork."""
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    with _SERVER_LOCK:
+        ctx.set_forkserver_preload(list(RANK_PRELOAD))  # (read when the server starts; a no-op once it runs)
+    return ctx
+
+
+@contextlib.contextmanager
+def _without_main():
+    """While a rank starts: no `__main__` for multiprocessing to import again in it. A rank runs `_rank_main` and
+    nothing of the launching program (multiprocessing would run the top level of a script without a
+    `__name__ == "__main__"` guard once more in each rank; torchrun's ranks never did)."""
+    import types
+
+    with _SERVER_LOCK:
+        main = sys.modules.get("__main__")
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            yield
+        finally:
+            if main is not None:
+                sys.modules["__main__"] = main
+
+
+def _rank_main(directory: str, job: str, env: dict, cwd: str, log: str) -> None:
+    """One rank, forked from the rank server: the environment, working directory and output a `torchrun` worker
+    would have (`env` replaces the server's), then `_worker_main`; its return value is the exit code."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    threads = env.get("OMP_NUM_THREADS", "")
+    if threads.isdigit() and int(threads) > 0:  # (read by OpenMP when a process starts; this one did not)
+        torch.set_num_threads(int(threads))
+    sys.exit(_worker_main([directory, job]))
+
+
+def _spawn(directory: str, nproc: int, job: Path, env: dict) -> list[tuple[int, bool]]:
+    """Run `nproc` ranks on `directory` with torchrun's environment for them (a free port on this host), each
+    writing its output to `job/rank<r>.log`, and wait for all. The ranks are forked from the rank server
+    (`_rank_context`; each is a process of its own, as under torchrun). When one fails (a non-zero exit or a
+    signal), the others get `STOP_GRACE_S` to stop on their own (a dead peer breaks their sockets at once; a hung
+    one does not) and are then terminated (killed 5 s later). Returns each rank's (exit code, negative for a
+    signal; whether this launcher stopped it)."""
     import socket
 
     with socket.socket() as sock:  # a free port for rank 0's store (torchrun --standalone picks one the same way)
@@ -402,17 +458,21 @@ def _spawn(cmd: list[str], nproc: int, job: Path, env: dict) -> list[tuple[int, 
     base = {**os.environ, **env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
             "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0"}
     base.setdefault("OMP_NUM_THREADS", "1")  # as torchrun sets it for several processes on one host
-    procs, logs, codes, stopped, failed_at = [], [], {}, set(), None
+    ctx = _rank_context()
+    procs, codes, stopped, failed_at = [], {}, set(), None
     try:
         for r in range(nproc):
-            logs.append(open(job / f"rank{r}.log", "wb"))
-            procs.append(subprocess.Popen(cmd, stdout=logs[-1], stderr=subprocess.STDOUT,
-                                          env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}))
+            proc = ctx.Process(target=_rank_main, name=f"memopt-rank{r}", args=(
+                directory, str(job), {**base, "RANK": str(r), "LOCAL_RANK": str(r)}, os.getcwd(),
+                str(job / f"rank{r}.log")))
+            with _without_main():
+                proc.start()
+            procs.append(proc)
         while len(codes) < nproc:
             for r, proc in enumerate(procs):
-                if r not in codes and proc.poll() is not None:
-                    codes[r] = proc.returncode
-                    if proc.returncode and failed_at is None:
+                if r not in codes and proc.exitcode is not None:
+                    codes[r] = proc.exitcode
+                    if proc.exitcode and failed_at is None:
                         failed_at = time.monotonic()
             if failed_at is not None and time.monotonic() - failed_at > STOP_GRACE_S:
                 for r, proc in enumerate(procs):
@@ -426,12 +486,10 @@ def _spawn(cmd: list[str], nproc: int, job: Path, env: dict) -> list[tuple[int, 
             time.sleep(0.02)
     finally:  # (an interrupted launcher leaves no rank behind)
         for proc in procs:
-            if proc.poll() is None:
+            if proc.exitcode is None:
                 proc.kill()
-            proc.wait()
-        for log in logs:
-            log.close()
-    return [(codes.get(r, procs[r].returncode), r in stopped) for r in range(nproc)]
+            proc.join()
+    return [(codes.get(r, procs[r].exitcode), r in stopped) for r in range(nproc)]
 
 
 def _collect(job: Path, nproc: int, ends: list[tuple[int, bool]]) -> dict:

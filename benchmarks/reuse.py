@@ -2,7 +2,7 @@
 
     python benchmarks/reuse.py            # writes benchmarks/results/reuse.md
 
-Rows, each the median of `ROUNDS` interleaved repeats, `torch.set_num_threads(1)`:
+Rows, each the median of `ROUNDS` interleaved repeats (each after a garbage collection), `torch.set_num_threads(1)`:
 - compiling demo again (no passes; int8) with the kept traces cleared first (`memopt.capture.clear_captures`: the
   programs are exported, as every compile did before) against with the traces kept (bound to the model's tensors);
 - compiling demo from cold (kept traces cleared; int8; int4 + KIVI + offload) with each program exported again
@@ -13,11 +13,19 @@ Rows, each the median of `ROUNDS` interleaved repeats, `torch.set_num_threads(1)
 - loading a saved demo artifact's two programs with torch's JSON reader (`_dict_to_dataclass`) against memopt's
   (`program_io._to_dataclass`, type hints looked up once per class), the rest of the load being the same;
 - saving a loaded demo artifact again with each program's JSON made afresh by torch's serializer (the kept JSON
-  cleared, as every save did before) against the JSON kept for its graph (`program_io.dump_program`).
+  cleared, as every save did before) against the JSON kept for its graph (`program_io.dump_program`);
+- compiling demo again with each program's module after its passes unlifted from the lifted program (as every
+  compile did before) against the rewritten module kept (`memopt.lift.adopt`);
+- making a program's JSON with torch's serializer's self-test (it canonicalizes a deep copy of what it wrote and
+  drops it) against without it;
+- launching a 2-stage demo pipeline (`memopt.serve.distributed.launch`, 8 tokens) with each rank a new interpreter
+  that imports torch and memopt (as torchrun's workers and every launch did before) against forked from the rank
+  server (a launch after the first: the first also starts the server, ~3 s).
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import statistics
@@ -43,6 +51,7 @@ ROUNDS = 5
 
 
 def seconds(fn) -> float:
+    gc.collect()  # the garbage of the run before is not charged to this one
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -97,6 +106,22 @@ def main() -> None:
         rows.append([f"compile demo from cold ({label}): after the passes, exported -> lifted", f"{before:.2f} s",
                      f"{after:.2f} s", f"{before / after:.2f}x"])
 
+    import memopt.pipeline as pipeline_module
+
+    real_adopt = pipeline_module.adopt
+    opts = dict(quantize="int8", kv="kivi:k4v4:g16:r16")
+
+    def unlifted():
+        pipeline_module.adopt = lambda gm, ep: False
+        try:
+            compile_model(demo, seq=64, **opts)
+        finally:
+            pipeline_module.adopt = real_adopt
+
+    before, after = side_by_side(unlifted, lambda: compile_model(demo, seq=64, **opts))
+    rows.append(["compile demo again (int8 + KIVI): each lifted program's module unlifted from it -> the rewritten "
+                 "module kept (`lift.adopt`)", f"{before:.2f} s", f"{after:.2f} s", f"{before / after:.2f}x"])
+
     from transformers import AutoTokenizer
 
     from memopt.frontend.gguf import load_gguf_tokenizer, smollm2_path
@@ -141,7 +166,46 @@ def main() -> None:
         before, after = side_by_side(afresh, lambda: save(loaded, again))
     rows.append(["save a loaded demo artifact again", f"{before:.3f} s", f"{after:.3f} s", f"{before / after:.2f}x"])
 
-    text = f"""# Work not repeated: kept traces, lifted programs, the GGUF tokenizer, the program reader and writer
+    real_unchecked = program_io._unchecked
+
+    def checked():
+        program_io._unchecked = lambda check, ep, constants=None: check(ep, constants)
+        try:
+            [program_io._program_json(p) for p in result.programs.values()]
+        finally:
+            program_io._unchecked = real_unchecked
+
+    before, after = side_by_side(checked, lambda: [program_io._program_json(p) for p in result.programs.values()])
+    rows.append(["a demo artifact's two program JSONs: torch's serializer with its discarded self-test (canonicalize "
+                 "a deep copy) -> without", f"{before:.3f} s", f"{after:.3f} s", f"{before / after:.2f}x"])
+
+    import multiprocessing
+
+    from memopt.emit.stages import compile_stages, save_stages
+    from memopt.serve import distributed
+
+    ids = torch.randint(3, 1000, (1, 8), generator=torch.Generator().manual_seed(0))
+    real_context = distributed._rank_context
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = save_stages(compile_stages(demo, [(0, 2), (2, 4)], passes=(), seq=16, max_cache=64),
+                             os.path.join(tmp, "pp"))
+
+        def fresh_ranks():  # each rank a new interpreter that imports everything, as torchrun's workers do
+            distributed._rank_context = lambda: multiprocessing.get_context("spawn")
+            try:
+                distributed.launch(staged, input_ids=ids, max_new_tokens=8)
+            finally:
+                distributed._rank_context = real_context
+
+        def forked_ranks():
+            distributed.launch(staged, input_ids=ids, max_new_tokens=8)
+
+        forked_ranks()  # the rank server started (what the first launch of a process pays)
+        before, after = side_by_side(fresh_ranks, forked_ranks)
+    rows.append(["launch a 2-stage demo pipeline (8 tokens): ranks started as new interpreters -> forked from the "
+                 "rank server", f"{before:.2f} s", f"{after:.2f} s", f"{before / after:.2f}x"])
+
+    text = f"""# Work not repeated: kept traces, lifted programs and modules, GGUF tokenizer, program JSON, rank start
 
 {environment()}
 

@@ -135,8 +135,8 @@ def adopt(gm: torch.fx.GraphModule, ep: ExportedProgram) -> bool:
         if node.op == "get_attr":
             other = by_tensor.get(id(tables.get(node.target)))
         elif node.op in ("placeholder", "call_function"):
-            other = theirs.get(node.name)
-            if other is None or other.op != node.op or other.target != node.target:
+            other = theirs.get(node.name)  # (an input's placeholder: matched by name; lifting names its target so)
+            if other is None or other.op != node.op or (node.op == "call_function" and other.target != node.target):
                 return False
             try:
                 same = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: ("node", match.get(n))) == \

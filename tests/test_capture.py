@@ -238,6 +238,86 @@ def test_a_lifted_program_is_the_one_export_traces(monkeypatch, opts):
     assert torch.equal(lifted.module.generate(ids[:, :5], 6), exported.module.generate(ids[:, :5], 6))
 
 
+@pytest.mark.parametrize("opts", LIFT_CASES.values(), ids=LIFT_CASES.keys())
+def test_a_lifted_programs_module_is_the_module_it_was_lifted_from(monkeypatch, opts):
+    """After its passes a program keeps the rewritten module as its module (`memopt.lift.adopt`) instead of
+    unlifting the lifted program again: it is what `ExportedProgram.module()` gives, node for node (names, ops,
+    arguments, the program's fake values themselves; no input-guards call), holding the same tensors; the compile
+    emits those very modules and computes what a compile with the unlifted modules does."""
+    import memopt.capture as cap
+    import memopt.pipeline as pipeline
+    from memopt.lift import adopt
+    from memopt.pipeline import compile_model
+
+    seen = []
+
+    def checking(gm, ep):
+        ref = ep.module()
+        ok = adopt(gm, ep)
+        seen.append((gm, ok))
+        nodes = lambda m: [n for n in m.graph.nodes if n.op != "get_attr"]  # noqa: E731
+        mine, theirs = nodes(gm), nodes(ref)
+        assert [(n.op, n.name, str(n.target)) for n in mine] == [(n.op, n.name, str(n.target)) for n in theirs]
+        by_name = lambda n: n.name if n.op != "get_attr" else ("attr", n.target)  # noqa: E731
+        for a, b in zip(mine, theirs):
+            assert torch.fx.node.map_arg(a.args, by_name) == torch.fx.node.map_arg(b.args, by_name), a.name
+            assert a.op == "output" or a.meta["val"] is b.meta["val"], a.name
+        used = lambda m: {n.target for n in m.graph.find_nodes(op="get_attr") if n.users}  # noqa: E731
+        assert used(gm) == used(ref)  # (unlifting also reads the tensors nothing uses, each once)
+        assert not gm.graph.find_nodes(op="call_module") and not hasattr(gm, "_guards_fn")
+        state, want = gm.state_dict(keep_vars=True), ref.state_dict(keep_vars=True)
+        assert state.keys() == want.keys() and all(state[k] is want[k] for k in state)
+        assert dict(gm.named_buffers()).keys() == dict(ref.named_buffers()).keys()  # persistence kept
+        return ok
+
+    a, = _tiny_llamas(7)
+    kw = dict(seq=8, max_cache=48, **opts)
+    monkeypatch.setattr(pipeline, "adopt", checking)
+    kept = compile_model(a, **kw)
+    assert [ok for _, ok in seen] == [True, True]
+    assert seen[1][0] is kept.module.generator  # the emitted generation program is the rewritten module
+    cap.clear_captures()
+    monkeypatch.setattr(pipeline, "adopt", lambda gm, ep: False)  # each module unlifted from its program
+    unlifted = compile_model(a, **kw)
+    ids = torch.randint(3, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(kept.module(ids), unlifted.module(ids))
+    assert torch.equal(kept.module.generate(ids[:, :5], 6), unlifted.module.generate(ids[:, :5], 6))
+
+
+def test_a_module_that_is_not_its_programs_graph_is_not_adopted():
+    """`adopt` refuses, leaving the module as it was, when the program's graph is not the module's node for node
+    (a node the module has and the program has not; an argument changed since)."""
+    from memopt.lift import adopt, lift
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval(), torch.randn(3, 8)
+    ep = torch.export.export(model, (x,))
+    gm = ep.module()
+    lifted = lift(gm, ep)
+    relu = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.relu.default)
+    with gm.graph.inserting_after(relu):
+        extra = gm.graph.call_function(torch.ops.aten.neg.default, (relu,))
+    relu.replace_all_uses_with(extra, delete_user_cb=lambda user: user is not extra)
+    gm.recompile()
+    code, vals = gm.code, {n.name: n.meta.get("val") for n in gm.graph.nodes}
+    assert not adopt(gm, lifted)
+    assert gm.code == code and {n.name: n.meta.get("val") for n in gm.graph.nodes} == vals
+    assert hasattr(gm, "_guards_fn")
+    extra.args = (relu.args[0],)  # neg of relu's input: an argument the program's node does not have
+    gm.recompile()
+    again = lift(gm, ep)
+    extra.args = (relu,)
+    gm.recompile()
+    code = gm.code
+    assert not adopt(gm, again) and gm.code == code
+    again = lift(gm, ep)  # lifted from the module as it is: adopted
+    assert adopt(gm, again) and not hasattr(gm, "_guards_fn")
+    theirs = {n.name: n for n in again.graph.nodes}
+    assert all(n.meta["val"] is theirs[n.name].meta["val"] for n in gm.graph.nodes if n.op == "call_function")
+    torch.testing.assert_close(gm(x), model[2](-torch.relu(model[0](x))))
+
+
 def test_a_module_that_cannot_be_lifted_is_exported():
     """A graph calling a Python function (not an op overload) or reading a plain tensor attribute is not lifted
     (`lift` -> None); `export_again` then traces it, and the program computes what the module does."""

@@ -127,8 +127,8 @@ def adopt(gm: torch.fx.GraphModule, ep: ExportedProgram) -> bool:
     theirs = {n.name: n for n in ep.graph.nodes}
     sig = ep.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-    by_tensor = {id(ep.state_dict[fqn] if fqn in ep.state_dict else ep.constants[fqn]): theirs[name]
-                 for name, fqn in names.items()}
+    held = {**ep.constants, **ep.state_dict}
+    by_tensor = {id(held[fqn]): theirs[name] for name, fqn in names.items() if fqn in held and name in theirs}
     tables = {**dict(gm.named_parameters(remove_duplicate=False)), **dict(gm.named_buffers(remove_duplicate=False))}
     match: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in gm.graph.nodes:
@@ -145,6 +145,8 @@ def adopt(gm: torch.fx.GraphModule, ep: ExportedProgram) -> bool:
                 same = False
             if not same:
                 return False
+        elif node.op == "call_module" and node.target != "_guards_fn":
+            return False
         else:
             continue
         if other is None or "val" not in other.meta:

@@ -68,9 +68,10 @@ def _as_source(model: Any, example_inputs: Sequence | None, dtype) -> ModelSourc
 
 class Program:
     """One program while the passes rewrite it: its last export and the GraphModule the passes have
-    rewritten since. Passes read and rewrite `module()`; `captured` exports the rewritten module again,
-    once, when an exported form is needed. `meta` is the capture's metadata (source, inputs, shapes),
-    which rewriting does not change."""
+    rewritten since. Passes read and rewrite `module()`; `captured` lifts (or exports) the rewritten module
+    again, once, when an exported form is needed, and keeps that module as the program's module when it is the
+    program's graph node for node (`memopt.lift.adopt`). `meta` is the capture's metadata (source, inputs,
+    shapes), which rewriting does not change."""
 
     def __init__(self, captured: Captured):
         self.meta = captured
@@ -224,7 +225,8 @@ def _reorder(captured: Captured, analysis: Analysis, time_limit_s: float, say) -
     graph = analysis.to_memgraph()
     result = solve_schedule(graph, kinds=("activation",), time_limit_s=min(time_limit_s, 5.0))
     if result.peak_bytes >= result.original_peak_bytes:
-        return captured, analysis, [f"operator order kept: the schedule solver found no lower peak ({result.solver.status})"]
+        return captured, analysis, ["operator order kept: the schedule solver found no lower peak "
+                                    f"({result.solver.status})"]
     gm = captured.module()
     reorder_graph(gm, [graph.ops[i].name for i in result.order])
     new = _recapture(gm, captured)
@@ -234,7 +236,8 @@ def _reorder(captured: Captured, analysis: Analysis, time_limit_s: float, say) -
     say(f"reordered ops: activation peak {analysis.activation_lower_bound_bytes} -> "
         f"{new_analysis.activation_lower_bound_bytes} bytes")
     return new, new_analysis, [f"reordered ops ({result.solver.name}): activation lower bound "
-                               f"{analysis.activation_lower_bound_bytes} -> {new_analysis.activation_lower_bound_bytes} bytes"]
+                               f"{analysis.activation_lower_bound_bytes} -> "
+                               f"{new_analysis.activation_lower_bound_bytes} bytes"]
 
 
 def _compress_kv(gen: Program, spec: str | None, plan) -> tuple[dict | None, list[str]]:

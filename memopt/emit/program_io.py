@@ -120,7 +120,7 @@ def _program_json(ep) -> str:
         check = getattr(serde, "canonicalize", None)
         if check is not None:  # torch's serializer canonicalizes a deep copy of what it wrote as a self-test and
             serde.canonicalize = functools.partial(_unchecked, check)  # throws it away: 60% of its time, skipped
-            _SKIP.on = True  # on this thread (tests/test_artifact.py checks the JSON is the same)
+            _SKIP.on = True  # on this thread (tests/test_security.py checks the JSON is the same)
         try:
             artifact = serde.serialize(ep, serialize_state_dict=False, serialize_constants=False)
         finally:

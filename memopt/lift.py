@@ -123,7 +123,10 @@ def adopt(gm: torch.fx.GraphModule, ep: ExportedProgram) -> bool:
     """Let `gm` stand for `ep.module()` (the GraphModule `ep` was lifted or exported from, saving its unlifting:
     a copy of the graph and its code generated again): when `ep`'s graph is `gm`'s node for node (the same names,
     ops and arguments; each `get_attr` a placeholder of the same tensor), `gm`'s nodes take `ep`'s fake values, as
-    unlifting gives them, and True; else False and `gm` is left as it was."""
+    unlifting gives them, and True; else False and `gm` is left as it was. A program with example inputs (an
+    export's) is not adopted: unlifting it makes input guards of its own, where `gm`'s are its first capture's."""
+    if getattr(ep, "example_inputs", None):
+        return False
     theirs = {n.name: n for n in ep.graph.nodes}
     sig = ep.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
@@ -165,7 +168,7 @@ def adopt(gm: torch.fx.GraphModule, ep: ExportedProgram) -> bool:
         for key in _DROPPED_META:
             node.meta.pop(key, None)
     guards = gm.graph.find_nodes(op="call_module", target="_guards_fn")
-    for node in guards:  # a lifted program has no guards code: its module checks inputs by its pre-hook only
+    for node in guards:  # a lifted program has no example inputs, so no guards: its pre-hook checks inputs
         gm.graph.erase_node(node)
     if guards:
         delattr(gm, "_guards_fn")

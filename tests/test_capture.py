@@ -287,7 +287,8 @@ def test_a_lifted_programs_module_is_the_module_it_was_lifted_from(monkeypatch, 
 
 def test_a_module_that_is_not_its_programs_graph_is_not_adopted():
     """`adopt` refuses, leaving the module as it was, when the program's graph is not the module's node for node
-    (a node the module has and the program has not; an argument changed since)."""
+    (a node the module has and the program has not; an argument changed since) or is an export's (which unlifts
+    with input guards of its own)."""
     from memopt.lift import adopt, lift
 
     torch.manual_seed(0)
@@ -311,6 +312,20 @@ def test_a_module_that_is_not_its_programs_graph_is_not_adopted():
     gm.recompile()
     code = gm.code
     assert not adopt(gm, again) and gm.code == code
+    class Net(nn.Module):  # (an input named as an export names it again)
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.lin(x).relu()
+
+    plain = torch.export.export(Net().eval(), (x,)).module()
+    exported = torch.export.export(plain, (x,))  # an export: its module would check inputs by guards of its own
+    assert [n.name for n in exported.graph.find_nodes(op="placeholder")][-1] == \
+        [n.name for n in plain.graph.find_nodes(op="placeholder")][-1]  # (so only that tells them apart)
+    plain_code = plain.code
+    assert not adopt(plain, exported) and plain.code == plain_code and hasattr(plain, "_guards_fn")
     again = lift(gm, ep)  # lifted from the module as it is: adopted
     assert adopt(gm, again) and not hasattr(gm, "_guards_fn")
     theirs = {n.name: n for n in again.graph.nodes}
